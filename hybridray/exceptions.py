@@ -1,0 +1,70 @@
+"""Every error hybridray raises on purpose, so callers can catch by meaning.
+
+The CLI turns any ``HybridRayError`` into one clear message and a non-zero exit; it never
+shows a traceback for these. Each message names the problem *and* the fix.
+
+Hierarchy::
+
+    HybridRayError
+    ├── ConfigError                 a cluster file (or override) is invalid
+    ├── PlacementRefused            no site may or can run a workload
+    │   └── ResidencyViolation      a node was asked to touch data above its class
+    ├── ClusterError                bringing a local cluster up/down or connecting failed
+    │   └── ClusterNotFound         no recorded cluster of that name
+    └── PlanInfeasible              the cost planner cannot meet the demand
+"""
+
+from __future__ import annotations
+
+
+class HybridRayError(Exception):
+    """Base class of all errors hybridray raises deliberately."""
+
+
+class ConfigError(HybridRayError):
+    """A cluster file, or a ``key=value`` override, is invalid.
+
+    ``problems`` holds every problem found (one line each, ``file: key.path: message``),
+    so a user fixes them all in one round instead of one per run.
+    """
+
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class PlacementRefused(HybridRayError):
+    """No site may (residency) or can (capacity, shape) run a workload.
+
+    Attributes:
+        rule: the rule that refused, e.g. ``"residency"`` or ``"capacity"``.
+        fix: what the user can change to make the workload placeable.
+    """
+
+    def __init__(self, message: str, *, rule: str, fix: str):
+        self.rule = rule
+        self.fix = fix
+        super().__init__(f"{message} [rule: {rule}] Fix: {fix}")
+
+
+class ResidencyViolation(PlacementRefused):
+    """Raised inside a worker whose node may not hold the data class it was about to touch."""
+
+    def __init__(self, message: str, *, fix: str):
+        super().__init__(message, rule="residency", fix=fix)
+
+
+class ClusterError(HybridRayError):
+    """Starting, stopping or connecting to a hybridray cluster failed."""
+
+
+class ClusterNotFound(ClusterError):
+    """No cluster of that name is recorded in the state directory."""
+
+
+class PlanInfeasible(HybridRayError):
+    """The demand cannot be met within capacity and residency; ``binding`` says why."""
+
+    def __init__(self, message: str, binding: list[str]):
+        self.binding = list(binding)
+        super().__init__(message + ("\n  " + "\n  ".join(self.binding) if self.binding else ""))

@@ -1,0 +1,5 @@
+import sys
+
+from hybridray.cli import main
+
+sys.exit(main())

@@ -1,0 +1,50 @@
+"""The ``hybridray`` command: a small table from command name to the module that implements it.
+
+Each module in ``hybridray.commands`` exposes ``register(subparsers)``, which adds its
+sub-command(s) and sets ``func``; the function's arguments are the command's schema. Errors
+that hybridray raises on purpose (``HybridRayError``) print as one clear message and exit 2;
+they never show a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from hybridray.exceptions import HybridRayError
+
+# command modules, in the order `hybridray --help` lists them
+COMMAND_MODULES = [
+    "validate",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hybridray",
+        description="One Ray cluster across on-prem and cloud sites, placed by policy.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"hybridray.commands.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.func(args)
+    except HybridRayError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""``hybridray validate FILE… [key=value…]``: check cluster files, report every problem."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from hybridray.exceptions import ConfigError
+from hybridray.topology import load_topology
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("validate", help="check cluster files and report every problem",
+                       description="Validate cluster files. Arguments containing '=' are "
+                                   "key.path=value overrides applied to every file.")
+    p.add_argument("items", nargs="+", metavar="FILE|key=value")
+    p.set_defaults(func=run)
+
+
+def split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
+    """Separate ``key=value`` overrides from file paths in a positional argument list."""
+    files = [i for i in items if "=" not in i]
+    overrides = [i for i in items if "=" in i]
+    return files, overrides
+
+
+def run(args: argparse.Namespace) -> int:
+    files, overrides = split_overrides(args.items)
+    if not files:
+        raise ConfigError("no cluster file given; try: hybridray validate clusters/*.yaml")
+    failed = 0
+    for path in files:
+        try:
+            topo = load_topology(path, overrides)
+        except ConfigError as e:
+            failed += 1
+            for line in e.problems:
+                print(line, file=sys.stderr)
+            continue
+        print(f"{path}: ok ({topo.name}: {len(topo.sites)} sites, "
+              f"{sum(len(s.pools) for s in topo.sites.values())} pools)")
+    if failed:
+        print(f"{failed} of {len(files)} file(s) invalid", file=sys.stderr)
+        return 1
+    return 0

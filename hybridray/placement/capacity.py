@@ -1,0 +1,97 @@
+"""How many units of a workload fit at each site: at full size (topology) or now (live Ray)."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+from hybridray import labels as L
+from hybridray.topology.models import Topology
+
+_UNLIMITED = 1_000_000  # units of a zero-resource workload (Ray does not limit those)
+
+
+@dataclass(frozen=True)
+class NodeCapacity:
+    """One node (or ``n`` identical nodes) at a site."""
+
+    site: str
+    pool: str
+    cpus_total: float
+    cpus_free: float
+    gpus_total: float
+    gpus_free: float
+    accelerator: str | None = None
+    spot: bool = False
+    n: int = 1
+
+
+class Capacity:
+    """Per-site node capacity, with ``units`` memoised per workload shape."""
+
+    def __init__(self, nodes: list[NodeCapacity], *, live: bool):
+        self.live = live
+        self.by_site: dict[str, list[NodeCapacity]] = defaultdict(list)
+        for node in nodes:
+            self.by_site[node.site].append(node)
+        self._memo: dict[tuple, tuple[int, int]] = {}
+
+    @classmethod
+    def from_topology(cls, topology: Topology) -> Capacity:
+        """Every pool at its maximum size, all free (what the topology could offer)."""
+        nodes = [
+            NodeCapacity(name, p.name, p.cpus, p.cpus, p.gpus, p.gpus, p.accelerator, p.spot,
+                         p.max_nodes)
+            for name, site in topology.sites.items() for p in site.pools if p.max_nodes > 0
+        ]
+        return cls(nodes, live=False)
+
+    @classmethod
+    def from_ray(cls) -> Capacity:
+        """What the connected Ray cluster has now: alive nodes, their free CPUs and GPUs."""
+        import ray
+        from ray._private import state as ray_state
+
+        free = ray_state.available_resources_per_node()
+        nodes = []
+        for n in ray.nodes():
+            labels = n.get("Labels") or {}
+            site = labels.get(L.SITE)
+            if not n.get("Alive") or site is None or labels.get(L.ROLE) == "head":
+                continue
+            total = n.get("Resources") or {}
+            avail = free.get(n["NodeID"], {})
+            nodes.append(NodeCapacity(
+                site, labels.get(L.POOL, ""), total.get("CPU", 0.0), avail.get("CPU", 0.0),
+                total.get("GPU", 0.0), avail.get("GPU", 0.0), labels.get(L.ACCELERATOR),
+                labels.get(L.MARKET_TYPE) == "spot"))
+        return cls(nodes, live=True)
+
+    def sites(self) -> list[str]:
+        return list(self.by_site)
+
+    def units(self, site: str, cpus: float, gpus: float, accelerator: str | None,
+              spot_ok: bool) -> tuple[int, int]:
+        """(units at full size, units free now) of one ``cpus``/``gpus`` unit at ``site``."""
+        key = (site, cpus, gpus, accelerator, spot_ok)
+        hit = self._memo.get(key)
+        if hit is not None:
+            return hit
+        total = free = 0
+        for node in self.by_site.get(site, ()):
+            if (accelerator and node.accelerator != accelerator) or (node.spot and not spot_ok):
+                continue
+            total += node.n * _fit(node.cpus_total, node.gpus_total, cpus, gpus)
+            free += node.n * _fit(node.cpus_free, node.gpus_free, cpus, gpus)
+        self._memo[key] = (total, free)
+        return total, free
+
+
+def _fit(have_cpus: float, have_gpus: float, cpus: float, gpus: float) -> int:
+    limits = []
+    if cpus > 0:
+        limits.append(math.floor(have_cpus / cpus + 1e-9))
+    if gpus > 0:
+        limits.append(math.floor(have_gpus / gpus + 1e-9))
+    return min(limits) if limits else _UNLIMITED

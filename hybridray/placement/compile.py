@@ -1,0 +1,92 @@
+"""The one place a ``Placement`` becomes Ray's own scheduling options.
+
+Each candidate site becomes a label selector on ``hybridray.io/site``, also pinned to nodes
+whose ``hybridray.io/max-data-class`` admits the data (so a mislabelled site list cannot leak
+data). The first candidate is the primary ``label_selector``; the rest become Ray's
+``fallback_strategy`` in order, so *Ray* bursts to the next site when the first is full.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hybridray import labels as L
+from hybridray.placement.decision import Placement
+
+
+def site_selector(placement: Placement, site: str) -> dict[str, str]:
+    """Label selector for one candidate site that also enforces the data class."""
+    allowed = [c.value for c in placement.workload.data_class.at_least()]
+    return {L.SITE: site, L.MAX_DATA_CLASS: f"in({','.join(allowed)})"}
+
+
+def selectors(placement: Placement) -> tuple[dict[str, str], list[dict[str, Any]]]:
+    """(primary label_selector, fallback_strategy) for a placed workload."""
+    placement.raise_if_refused()
+    sites = placement.sites
+    primary = site_selector(placement, sites[0])
+    fallback = [{"label_selector": site_selector(placement, s)} for s in sites[1:]]
+    return primary, fallback
+
+
+def _resources(placement: Placement) -> dict[str, Any]:
+    wl = placement.workload
+    out: dict[str, Any] = {"num_cpus": wl.cpus, "num_gpus": wl.gpus}
+    if wl.memory_gb:
+        out["memory"] = int(wl.memory_gb * 2**30)
+    return out
+
+
+def task_options(placement: Placement) -> dict[str, Any]:
+    """Options for ``fn.options(**opts)`` / ``@ray.remote(**opts)`` (tasks and actors)."""
+    primary, fallback = selectors(placement)
+    opts = {**_resources(placement), "label_selector": primary}
+    if fallback:
+        opts["fallback_strategy"] = fallback
+    return opts
+
+
+actor_options = task_options
+
+
+def serve_options(placement: Placement) -> dict[str, Any]:
+    """Keyword arguments for ``serve.deployment(...)`` / ``Deployment.options(...)``."""
+    return {"ray_actor_options": task_options(placement)}
+
+
+def data_remote_args(placement: Placement) -> dict[str, Any]:
+    """``ray_remote_args`` for a Ray Data stage (``map_batches``, ``read_*``, ``write_*``)."""
+    return task_options(placement)
+
+
+def train_label_selectors(placement: Placement, num_workers: int | None = None
+                          ) -> list[dict[str, str]]:
+    """One selector per Ray Train worker, filling candidate sites in order (``assign``)."""
+    return [site_selector(placement, s) for s in placement.assign(num_workers)]
+
+
+def scaling_config(placement: Placement, num_workers: int | None = None, **kwargs: Any):
+    """A ``ray.train.ScalingConfig`` with a per-worker ``label_selector`` from the placement."""
+    from ray.train import ScalingConfig
+
+    wl = placement.workload
+    n = wl.count if num_workers is None else num_workers
+    kwargs.setdefault("use_gpu", wl.gpus > 0)
+    resources = {"CPU": wl.cpus}
+    if wl.gpus:
+        resources["GPU"] = wl.gpus
+    kwargs.setdefault("resources_per_worker", resources)
+    return ScalingConfig(num_workers=n, label_selector=train_label_selectors(placement, n),
+                         **kwargs)
+
+
+def job_submit_kwargs(placement: Placement) -> dict[str, Any]:
+    """Keyword arguments for ``JobSubmissionClient.submit_job`` placing the entrypoint."""
+    primary, _ = selectors(placement)
+    wl = placement.workload
+    out: dict[str, Any] = {"entrypoint_label_selector": primary}
+    if wl.cpus:
+        out["entrypoint_num_cpus"] = wl.cpus
+    if wl.gpus:
+        out["entrypoint_num_gpus"] = wl.gpus
+    return out

@@ -17,6 +17,7 @@ from hybridray.exceptions import HybridRayError
 # command modules, in the order `hybridray --help` lists them
 COMMAND_MODULES = [
     "validate",
+    "place",     # place, audit
 ]
 
 
@@ -43,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and closed early
+        sys.stderr.close()
+        return 0
     return int(result or 0)
 
 

@@ -1,0 +1,108 @@
+"""The Python API for driver scripts: connect to a cluster, run work under a policy, audit it.
+
+    import hybridray
+    cluster = hybridray.connect("local")               # a cluster started by `hybridray up`
+    wl = hybridray.Workload(name="etl", cpus=1, data_classes=["restricted"])
+    ref = cluster.run(clean, wl, "tickets")            # placed, audited, guarded
+    print(ray.get(ref), cluster.audit.read("placement")[-1])
+
+Inside a Ray job (``ray job submit``) ``connect()`` with no name uses ``$HYBRIDRAY_CLUSTER``
+or the only cluster recorded, and attaches to the Ray instance the job already runs in.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from hybridray.audit import AuditLog
+from hybridray.exceptions import ClusterNotFound
+from hybridray.placement import compile as C
+from hybridray.placement.capacity import Capacity
+from hybridray.placement.decision import Placement
+from hybridray.placement.guard import guarded
+from hybridray.placement.policy import decide
+from hybridray.placement.workload import Workload
+from hybridray.topology.models import Topology
+
+
+class Cluster:
+    """A topology plus a connected Ray instance plus its audit log."""
+
+    def __init__(self, topology: Topology, *, audit: AuditLog | None = None,
+                 state: Any = None):
+        self.topology = topology
+        self.state = state
+        self.audit = audit or AuditLog.for_cluster(topology.name)
+
+    @property
+    def name(self) -> str:
+        return self.topology.name
+
+    # -- deciding -----------------------------------------------------------------------
+    def capacity(self) -> Capacity:
+        """Live capacity from Ray when connected, else the topology at full size."""
+        import ray
+
+        return Capacity.from_ray() if ray.is_initialized() else Capacity.from_topology(
+            self.topology)
+
+    def place(self, workload: Workload, *, live: bool = True) -> Placement:
+        """Decide where ``workload`` may run and audit the decision (refusals included)."""
+        cap = self.capacity() if live else None
+        placement = decide(self.topology, workload, cap)
+        self.audit.placement(placement, cluster=self.name)
+        return placement
+
+    # -- running ------------------------------------------------------------------------
+    def remote(self, workload: Workload, fn: Callable | type, *, guard: bool = True):
+        """``ray.remote(fn)`` with options from the placement; raises if refused.
+
+        With ``guard`` (default), functions check the node's labels before running
+        (``check_residency``) — defence in depth behind the label selectors.
+        """
+        import ray
+
+        placement = self.place(workload).raise_if_refused()
+        opts = C.task_options(placement)
+        target = fn
+        if guard and workload.data_classes and not isinstance(fn, type):
+            target = guarded(workload.data_class)(fn)
+        return ray.remote(target).options(**opts)
+
+    def run(self, fn: Callable, workload: Workload, *args: Any, **kwargs: Any):
+        """Place ``fn`` by ``workload`` and start it; returns the ``ObjectRef``."""
+        return self.remote(workload, fn).remote(*args, **kwargs)
+
+    def actor(self, cls: type, workload: Workload, *args: Any, **kwargs: Any):
+        """Place and start an actor of ``cls``; returns its handle."""
+        return self.remote(workload, cls).remote(*args, **kwargs)
+
+
+def connect(name: str | None = None, *, home: str | os.PathLike | None = None,
+            init_ray: bool = True) -> Cluster:
+    """Connect to a cluster started by ``hybridray up`` (by name) and return a ``Cluster``.
+
+    Sets the token environment Ray's token auth needs and calls ``ray.init`` unless Ray is
+    already initialised (inside a job or task) or ``init_ray`` is false.
+    """
+    from hybridray import cluster as lifecycle
+
+    if name is None:
+        name = os.environ.get("HYBRIDRAY_CLUSTER")
+    if name is None:
+        known = lifecycle.list_clusters(home)
+        if len(known) != 1:
+            raise ClusterNotFound(
+                "say which cluster to connect to: hybridray.connect(NAME) or set "
+                f"HYBRIDRAY_CLUSTER (recorded clusters: {', '.join(known) or 'none'})")
+        name = known[0]
+    state = lifecycle.load_state(name, home=home)
+    if init_ray:
+        import ray
+
+        if not ray.is_initialized():
+            os.environ.update(lifecycle.ray_env(state))
+            ray.init(address=state.address, log_to_driver=False)
+    return Cluster(state.topology(), audit=AuditLog.for_cluster(name, home), state=state)

@@ -19,10 +19,11 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from hybridray.exceptions import ConfigError
-from hybridray.topology.models import Topology
+from hybridray.topology.models import NAME_HELP, NAME_PATTERN, Topology
 
 MAX_FILE_BYTES = 1 << 20
 MAX_EXPANDED_NODES = 100_000
+_STR_TAG = "tag:yaml.org,2002:str"
 
 
 def load_topology(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Topology:
@@ -78,6 +79,9 @@ def safe_yaml(text: str, label: str) -> dict[str, Any]:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        context, start = getattr(e, "context", None), getattr(e, "context_mark", None)
+        if context and start and mark and start.line != mark.line:
+            what += f" ({context} that starts at line {start.line + 1})"
         raise ConfigError(f"{label}: invalid YAML{where}: {what}") from None
     docs = [d for d in docs if d is not None]
     if not docs:
@@ -110,23 +114,31 @@ def _check_nodes(root: yaml.Node, label: str) -> None:
             raise ConfigError(f"{label}: {path or '<root>'}: nested more than 64 levels deep")
         key = id(node)
         if key in sizes:  # an alias: the same node object again
+            if sizes[key] < 0:
+                raise ConfigError(f"{label}: {path or '<root>'}: a YAML alias refers to the value "
+                                  "that contains it (a recursive alias); write the value out")
             return sizes[key]
-        sizes[key] = 0  # guards against recursive aliases
+        sizes[key] = -1  # in progress: meeting it again below means a recursive alias
         total = 1
         if isinstance(node, yaml.MappingNode):
             seen: dict[str, int] = {}
             for k, v in node.value:
+                line = k.start_mark.line + 1
                 if not isinstance(k, yaml.ScalarNode):
-                    raise ConfigError(f"{label}: {path or '<root>'}: keys must be plain strings "
-                                      f"(line {k.start_mark.line + 1})")
+                    raise ConfigError(f"{label}: {path or '<root>'}: keys must be plain strings, "
+                                      f"not a list or mapping (line {line})")
                 if k.value == "<<":
                     raise ConfigError(f"{label}: {path or '<root>'}: YAML merge keys (<<) are "
                                       "not supported; write the keys out")
+                if k.tag != _STR_TAG:  # 1, 1.5, yes, ~ as keys load as int, float, bool, None
+                    raise ConfigError(
+                        f"{label}: {_join(path, k.value)}: key is not a string (YAML reads it as "
+                        f"{k.tag.rsplit(':', 1)[-1]}, line {line}); quote it: \"{k.value}\"")
                 if k.value in seen:
                     raise ConfigError(
                         f"{label}: {_join(path, k.value)}: duplicate key (lines {seen[k.value]} "
-                        f"and {k.start_mark.line + 1}); keep one")
-                seen[k.value] = k.start_mark.line + 1
+                        f"and {line}); keep one")
+                seen[k.value] = line
                 total += expanded(v, _join(path, k.value), depth + 1)
         elif isinstance(node, yaml.SequenceNode):
             for i, v in enumerate(node.value):
@@ -199,11 +211,33 @@ def format_validation_error(error: ValidationError, label: str) -> list[str]:
             msg = f"unknown key{hint} (allowed here: {', '.join(allowed)})"
         elif etype == "missing":
             msg = "missing required key"
+        elif etype in ("model_type", "model_attributes_type", "dict_type") and not isinstance(
+                err["input"], dict):
+            keys = _allowed_keys(loc)
+            what = f"a mapping with keys {', '.join(keys)}" if keys else "a mapping"
+            msg = f"must be {what} (got {_describe(err['input'])})"
+        elif etype == "too_short":
+            msg = f"must not be empty (needs at least {err['ctx']['min_length']} entry)"
+        elif etype == "list_type" and not isinstance(err["input"], list):
+            msg = f"must be a list (got {_describe(err['input'])})"
+        elif etype == "string_pattern_mismatch" and err.get("ctx", {}).get("pattern") == \
+                NAME_PATTERN:
+            msg = f"must be {NAME_HELP} (got {err['input']!r})"
         elif "input" in err and etype not in ("value_error", "assertion_error") and not isinstance(
                 err["input"], (dict, list)):
             msg = f"{msg} (got {err['input']!r})"
         lines.append(f"{label}: {path or '<root>'}: {msg}")
     return lines
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "nothing: the key has no value"
+    if isinstance(value, (list, dict)):
+        return "a list" if isinstance(value, list) else "a mapping"
+    kind = {str: "a string", bool: "a boolean", int: "a number", float: "a number"}.get(
+        type(value), type(value).__name__)
+    return f"{kind} {value!r}"
 
 
 def _format_loc(loc: list[Any]) -> str:

@@ -37,26 +37,20 @@ class DataClass(str, enum.Enum):
     def rank(self) -> int:
         return _CLASS_ORDER.index(self)
 
-    # str defines its own (alphabetical) comparisons, so all four must be overridden.
+    # str defines its own (alphabetical) comparisons, so all four must be overridden, and a
+    # plain string on either side is converted: returning NotImplemented would hand the
+    # comparison to str and give the alphabetical answer ("confidential" <= public).
     def __lt__(self, other: object) -> bool:
-        if not isinstance(other, DataClass):
-            return NotImplemented
-        return self.rank < other.rank
+        return self.rank < _as_class(other).rank
 
     def __le__(self, other: object) -> bool:
-        if not isinstance(other, DataClass):
-            return NotImplemented
-        return self.rank <= other.rank
+        return self.rank <= _as_class(other).rank
 
     def __gt__(self, other: object) -> bool:
-        if not isinstance(other, DataClass):
-            return NotImplemented
-        return self.rank > other.rank
+        return self.rank > _as_class(other).rank
 
     def __ge__(self, other: object) -> bool:
-        if not isinstance(other, DataClass):
-            return NotImplemented
-        return self.rank >= other.rank
+        return self.rank >= _as_class(other).rank
 
     def __hash__(self) -> int:
         return hash(self.value)
@@ -70,6 +64,18 @@ class DataClass(str, enum.Enum):
 
 
 _CLASS_ORDER = [DataClass.public, DataClass.internal, DataClass.confidential, DataClass.restricted]
+
+
+def _as_class(value: object) -> DataClass:
+    if isinstance(value, DataClass):
+        return value
+    if isinstance(value, str):
+        try:
+            return DataClass(value)
+        except ValueError:
+            pass
+    raise TypeError(f"cannot compare a data class with {value!r}; use one of "
+                    f"{', '.join(c.value for c in _CLASS_ORDER)}")
 
 
 class SiteKind(str, enum.Enum):
@@ -164,7 +170,7 @@ class Storage(_Strict):
 
     root: str = Field(description="file:///path, s3://bucket/prefix or gs://bucket/prefix.")
     endpoint: str | None = Field(None, description="S3-compatible endpoint URL (s3:// only).")
-    region: str | None = Field(None, description="Object store region (s3:// only).")
+    region: str | None = Field(None, description="Object store region (s3:// and gs://).")
     encrypt_at_rest: bool = Field(
         False, description="Write Parquet with modular encryption (keys held by the cluster)."
     )
@@ -259,8 +265,9 @@ class Site(_Strict):
                 raise problem(f"pools[{i}].instance_type", "only cloud providers take it")
         if self.namespace and self.provider is not Provider.kubernetes:
             raise problem("namespace", "only kubernetes sites take a namespace")
-        if self.kind is SiteKind.onprem and any(p.spot for p in self.pools):
-            raise problem("pools", "on-prem pools cannot be spot; set spot: false")
+        for i, pool in enumerate(self.pools):
+            if self.kind is SiteKind.onprem and pool.spot:
+                raise problem(f"pools[{i}].spot", "on-prem pools cannot be spot; set spot: false")
         return self
 
     def cheapest_pool(self, cpus: float = 0, gpus: int = 0,
@@ -336,7 +343,10 @@ class Topology(_Strict):
         return {c: [n for n, s in self.sites.items() if s.may_hold(c)] for c in DataClass}
 
     def egress_cost(self, src: str, dst: str, nbytes: int) -> float:
-        """Price of sending ``nbytes`` from ``src`` to ``dst`` (0 without a priced link)."""
-        link = self.sites[src].links.get(dst)
+        """Price of sending ``nbytes`` from ``src`` to ``dst`` (0 without a priced link).
+
+        Uses the same link as ``link``: one declared in a single direction prices both.
+        """
+        link = self.link(src, dst)
         return 0.0 if link is None else link.egress_per_gb * nbytes / 1e9
 

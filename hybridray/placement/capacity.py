@@ -36,6 +36,7 @@ class Capacity:
         for node in nodes:
             self.by_site[node.site].append(node)
         self._memo: dict[tuple, tuple[int, int]] = {}
+        self.memo: dict[tuple, object] = {}  # the policy's per-shape results
 
     @classmethod
     def from_topology(cls, topology: Topology) -> Capacity:

@@ -12,20 +12,33 @@ from typing import Any
 
 from hybridray import labels as L
 from hybridray.placement.decision import Placement
+from hybridray.topology.models import DataClass
+
+
+# Fallbacks beyond this many are merged into one final ``in(...)`` selector: Ray tries each
+# fallback in turn, so a 50-site list would be slow to schedule for little gain in order.
+MAX_ORDERED_FALLBACKS = 8
+
+_CLASS_SELECTOR = {c: f"in({','.join(x.value for x in c.at_least())})" for c in DataClass}
 
 
 def site_selector(placement: Placement, site: str) -> dict[str, str]:
     """Label selector for one candidate site that also enforces the data class."""
-    allowed = [c.value for c in placement.workload.data_class.at_least()]
-    return {L.SITE: site, L.MAX_DATA_CLASS: f"in({','.join(allowed)})"}
+    return {L.SITE: site, L.MAX_DATA_CLASS: _CLASS_SELECTOR[placement.workload.data_class]}
 
 
 def selectors(placement: Placement) -> tuple[dict[str, str], list[dict[str, Any]]]:
     """(primary label_selector, fallback_strategy) for a placed workload."""
     placement.raise_if_refused()
     sites = placement.sites
-    primary = site_selector(placement, sites[0])
-    fallback = [{"label_selector": site_selector(placement, s)} for s in sites[1:]]
+    cls = _CLASS_SELECTOR[placement.workload.data_class]
+    primary = {L.SITE: sites[0], L.MAX_DATA_CLASS: cls}
+    ordered = sites[1:1 + MAX_ORDERED_FALLBACKS]
+    fallback = [{"label_selector": {L.SITE: s, L.MAX_DATA_CLASS: cls}} for s in ordered]
+    rest = sites[1 + MAX_ORDERED_FALLBACKS:]
+    if rest:
+        fallback.append({"label_selector": {L.SITE: f"in({','.join(rest)})",
+                                            L.MAX_DATA_CLASS: cls}})
     return primary, fallback
 
 

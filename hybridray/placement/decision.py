@@ -8,21 +8,33 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from hybridray.exceptions import PlacementRefused
 from hybridray.placement.workload import Workload
 
 
-@dataclass(frozen=True)
-class Candidate:
-    """One site the workload may run at, in preference order."""
+class Candidate(NamedTuple):
+    """One site the workload may run at, in preference order.
+
+    A tuple (not a dataclass) because a decision over a large topology builds dozens of
+    these; the human-readable ``reason`` is formatted only when someone reads it.
+    """
 
     site: str
     pool: str
-    reason: str
+    why: str                 # the preference's word for this position, e.g. "burst to cloud"
+    max_data_class: str      # the site's limit, for the reason text
+    price_unit_hour: float   # price of one unit for one hour in the chosen pool
     est_cost: float          # estimated cost of the whole workload here (compute + egress)
     units_max: int           # units that fit at this site at full size
     units_free: int | None   # units that fit now (None: no live capacity known)
+
+    @property
+    def reason(self) -> str:
+        free = "" if self.units_free is None else f", {self.units_free} units free"
+        return (f"{self.why}: may hold up to {self.max_data_class}; pool {self.pool} "
+                f"${self.price_unit_hour:.3f}/unit-h, est ${self.est_cost:.2f}{free}")
 
 
 @dataclass(frozen=True)

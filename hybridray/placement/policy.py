@@ -30,33 +30,79 @@ def decide(topology: Topology, workload: Workload, capacity: Capacity | None = N
     wl = workload
     cls = wl.data_class
     cap = capacity or _topology_capacity(topology)
-    excluded: dict[str, str] = {}
 
-    def refuse(rule: str, message: str, fix: str) -> Placement:
+    def refuse(rule: str, message: str, fix: str, excluded: dict[str, str]) -> Placement:
         return Placement(wl, refusal=Refusal(rule, message, fix), excluded=excluded,
                          policy=POLICY_NAME)
 
     for name in (wl.site, wl.data_site):
         if name is not None and name not in topology.sites:
             return refuse("unknown-site", f"site {name!r} is not in cluster {topology.name!r}",
-                          f"use one of: {', '.join(topology.sites)}")
+                          f"use one of: {', '.join(topology.sites)}", {})
 
     allowed = topology.sites_by_class[cls]
-    for name, site in topology.sites.items():
-        if name not in allowed:
-            excluded[name] = f"may hold up to {site.max_data_class.value}, not {cls.value}"
+    rows, excluded, total = _eligible(topology, cap, wl)
+    excluded = dict(excluded)
     if not allowed:
         return refuse("residency", f"no site may hold {cls.value} data",
                       f"raise max_data_class of a suitable site to {cls.value}, or mask the "
-                      "data down to a lower class before this work runs")
+                      "data down to a lower class before this work runs", excluded)
     if wl.site is not None and wl.site not in allowed:
         return refuse("residency",
                       f"site {wl.site!r} may hold up to "
                       f"{topology.sites[wl.site].max_data_class.value}, not {cls.value}",
                       f"run it at {', '.join(allowed)} (allowed for {cls.value}), or lower the "
-                      "data's class by masking")
+                      "data's class by masking", excluded)
+    if not rows:
+        rule = "capacity" if any("alive" in r or "capacity" in r for r in excluded.values()) \
+            else "shape"
+        return refuse(rule, f"no site allowed for {cls.value} can run one unit "
+                            f"({_shape(wl)}): " + "; ".join(f"{k}: {v}" for k, v in
+                                                            excluded.items()),
+                      "start or add nodes with that shape at "
+                      f"{', '.join(allowed)}, or ask for fewer resources per unit", excluded)
+    if total < wl.count:
+        return refuse("capacity",
+                      f"{wl.count} units of {_shape(wl)} need more than the {total} that sites "
+                      f"allowed for {cls.value} ({', '.join(r[0] for r in rows)}) can hold",
+                      "lower count, or add capacity at a site that may hold "
+                      f"{cls.value} data", excluded)
 
-    rows = []  # (site, pool, price per unit-hour, units_max, units_free)
+    scale = wl.count * wl.expected_hours
+    egress = _egress_per_site(topology, wl)
+    costs = [r[2] * scale + egress.get(r[0], 0.0) for r in rows]
+    order = _order(topology, wl, rows, costs)
+    if not wl.burst:
+        for i in order[1:]:
+            excluded[rows[i][0]] = "burst disabled"
+        order = order[:1]
+    words = _WORDS[wl.preference]
+    live = cap.live
+    candidates = tuple(
+        Candidate(rows[i][0], rows[i][1], words(wl, rows[i], pos), rows[i][5], rows[i][2],
+                  costs[i], rows[i][3], rows[i][4] if live else None)
+        for pos, i in enumerate(order))
+    return Placement(wl, candidates=candidates, excluded=excluded, policy=POLICY_NAME)
+
+
+def _eligible(topology: Topology, cap: Capacity, wl: Workload):
+    """Sites that pass residency, shape and capacity for this shape, memoised per capacity.
+
+    Returns (rows, excluded, total units): rows are (site, pool, price per unit-hour, units
+    at full size, units free now, the site's max data class, whether the site is a cloud), in
+    topology order; excluded maps site -> why it is not a candidate.
+    """
+    key = ("eligible", wl.data_class, wl.cpus, wl.gpus, wl.accelerator, wl.spot_ok)
+    hit = cap.memo.get(key)
+    if hit is not None:
+        return hit
+    allowed = topology.sites_by_class[wl.data_class]
+    excluded: dict[str, str] = {}
+    for name, site in topology.sites.items():
+        if name not in allowed:
+            excluded[name] = (f"may hold up to {site.max_data_class.value}, "
+                              f"not {wl.data_class.value}")
+    rows = []
     for name in allowed:
         site = topology.sites[name]
         pools = [p for p in site.pools if p.max_nodes > 0 and p.cpus >= wl.cpus
@@ -71,34 +117,11 @@ def decide(topology: Topology, workload: Workload, capacity: Capacity | None = N
             excluded[name] = "no alive node fits one unit" if cap.live else "no capacity"
             continue
         price = pool.price_per_node_hour * _share(wl, pool.cpus, pool.gpus)
-        rows.append((name, pool.name, price, units_max, units_free if cap.live else None))
-
-    if not rows:
-        rule = "capacity" if any("alive" in r or "capacity" in r for r in excluded.values()) \
-            else "shape"
-        return refuse(rule, f"no site allowed for {cls.value} can run one unit "
-                            f"({_shape(wl)}): " + "; ".join(f"{k}: {v}" for k, v in
-                                                            excluded.items()),
-                      "start or add nodes with that shape at "
-                      f"{', '.join(allowed)}, or ask for fewer resources per unit")
-    total = sum(r[3] for r in rows)
-    if total < wl.count:
-        return refuse("capacity",
-                      f"{wl.count} units of {_shape(wl)} need more than the {total} that sites "
-                      f"allowed for {cls.value} ({', '.join(r[0] for r in rows)}) can hold",
-                      "lower count, or add capacity at a site that may hold "
-                      f"{cls.value} data")
-
-    ordered = _order(topology, wl, rows)
-    if not wl.burst:
-        for row in ordered[1:]:
-            excluded[row[0]] = "burst disabled"
-        ordered = ordered[:1]
-    candidates = tuple(
-        Candidate(site=r[0], pool=r[1], reason=_reason(topology, wl, r, i),
-                  est_cost=_cost(topology, wl, r), units_max=r[3], units_free=r[4])
-        for i, r in enumerate(ordered))
-    return Placement(wl, candidates=candidates, excluded=excluded, policy=POLICY_NAME)
+        rows.append((name, pool.name, price, units_max, units_free,
+                     site.max_data_class.value, site.kind is SiteKind.cloud))
+    result = (rows, excluded, sum(r[3] for r in rows))
+    cap.memo[key] = result
+    return result
 
 
 def _topology_capacity(topology: Topology) -> Capacity:
@@ -118,14 +141,25 @@ def _share(wl: Workload, cpus: float, gpus: float) -> float:
     return max(max(parts), 1e-6)
 
 
-def _egress(topology: Topology, wl: Workload, site: str) -> float:
-    if wl.data_site is None or wl.data_site == site or not wl.data_bytes:
-        return 0.0
-    return topology.egress_cost(wl.data_site, site, wl.data_bytes)
+def _egress_per_site(topology: Topology, wl: Workload) -> dict[str, float]:
+    """Cost of moving the workload's input from its data site to each other site.
 
-
-def _cost(topology: Topology, wl: Workload, row) -> float:
-    return row[2] * wl.count * wl.expected_hours + _egress(topology, wl, row[0])
+    Uses ``Topology.link`` (a link declared in one direction prices both), memoised per data
+    site on the topology since it is frozen.
+    """
+    if wl.data_site is None or not wl.data_bytes:
+        return {}
+    memo = topology.__dict__.setdefault("_hr_egress_per_gb", {})
+    per_gb = memo.get(wl.data_site)
+    if per_gb is None:
+        per_gb = {}
+        for dst in topology.sites:
+            link = topology.link(wl.data_site, dst)
+            if link is not None:
+                per_gb[dst] = link.egress_per_gb
+        memo[wl.data_site] = per_gb
+    gb = wl.data_bytes / 1e9
+    return {dst: price * gb for dst, price in per_gb.items()}
 
 
 def _bandwidth(topology: Topology, wl: Workload, site: str) -> float:
@@ -135,38 +169,34 @@ def _bandwidth(topology: Topology, wl: Workload, site: str) -> float:
     return link.bandwidth_mbps if link else 0.0
 
 
-def _order(topology: Topology, wl: Workload, rows: list) -> list:
-    cost = {r[0]: _cost(topology, wl, r) for r in rows}
+def _order(topology: Topology, wl: Workload, rows: list, costs: list[float]) -> list[int]:
+    """Indices of ``rows`` in the workload's preference order (ties broken by site name)."""
+    idx = range(len(rows))
     pref = wl.preference
     if pref is Preference.cheapest:
-        key = lambda r: (cost[r[0]], r[0])  # noqa: E731
-    elif pref is Preference.onprem_first:
-        key = lambda r: (topology.sites[r[0]].kind is SiteKind.cloud, cost[r[0]], r[0])  # noqa: E731
-    elif pref is Preference.near_data:
-        key = lambda r: (r[0] != wl.data_site, -_bandwidth(topology, wl, r[0]),  # noqa: E731
-                         cost[r[0]], r[0])
-    elif pref is Preference.fastest:
-        key = lambda r: (-(r[4] if r[4] is not None else r[3]),  # noqa: E731
-                         -_bandwidth(topology, wl, r[0]), cost[r[0]], r[0])
-    else:  # Preference.site
-        key = lambda r: (r[0] != wl.site, cost[r[0]], r[0])  # noqa: E731
-    return sorted(rows, key=key)
+        return sorted(idx, key=lambda i: (costs[i], rows[i][0]))
+    if pref is Preference.onprem_first:
+        return sorted(idx, key=lambda i: (rows[i][6], costs[i], rows[i][0]))
+    if pref is Preference.near_data:
+        return sorted(idx, key=lambda i: (rows[i][0] != wl.data_site,
+                                          -_bandwidth(topology, wl, rows[i][0]), costs[i],
+                                          rows[i][0]))
+    if pref is Preference.fastest:
+        live = [r[4] if r[4] is not None else r[3] for r in rows]
+        return sorted(idx, key=lambda i: (-live[i], -_bandwidth(topology, wl, rows[i][0]),
+                                          costs[i], rows[i][0]))
+    return sorted(idx, key=lambda i: (rows[i][0] != wl.site, costs[i], rows[i][0]))
 
 
-def _reason(topology: Topology, wl: Workload, row, index: int) -> str:
-    site = topology.sites[row[0]]
-    why = {
-        Preference.cheapest: "cheapest" if index == 0 else "next cheapest",
-        Preference.onprem_first: ("on-prem first" if site.kind is not SiteKind.cloud
-                                  else "burst to cloud"),
-        Preference.near_data: "holds the data" if row[0] == wl.data_site else "near the data",
-        Preference.fastest: "most free capacity" if index == 0 else "next most free",
-        Preference.site: "requested site" if row[0] == wl.site else "burst",
-    }[wl.preference]
-    free = "" if row[4] is None else f", {row[4]} free"
-    return (f"{why}: may hold {site.max_data_class.value} >= {wl.data_class.value}; "
-            f"pool {row[1]} ${row[2]:.3f}/unit-h, est ${_cost(topology, wl, row):.2f}"
-            f"{free}")
+_WORDS = {  # (workload, row, position) -> the reason's first words
+    Preference.cheapest: lambda wl, r, pos: "cheapest" if pos == 0 else "next cheapest",
+    Preference.onprem_first: lambda wl, r, pos: "burst to cloud" if r[6] else "on-prem first",
+    Preference.near_data: lambda wl, r, pos: "holds the data" if r[0] == wl.data_site
+    else "near the data",
+    Preference.fastest: lambda wl, r, pos: "most free capacity" if pos == 0
+    else "next most free",
+    Preference.site: lambda wl, r, pos: "requested site" if r[0] == wl.site else "burst",
+}
 
 
 def _shape(wl: Workload) -> str:

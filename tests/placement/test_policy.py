@@ -228,3 +228,21 @@ def test_workload_validation_messages():
         Workload(preference="site")
     with pytest.raises(ValueError):
         Workload(data_classes=["secret"])
+
+
+def test_long_fallback_lists_merge_their_tail_into_one_selector():
+    import sys
+
+    from hybridray.placement.compile import MAX_ORDERED_FALLBACKS
+    from tests.paths import ROOT
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_placement import make_topology
+
+    topo = make_topology(n_sites=20, nodes_per_site=4)
+    p = decide(topo, Workload(cpus=1))
+    assert len(p.sites) == 20
+    fb = task_options(p)["fallback_strategy"]
+    assert len(fb) == MAX_ORDERED_FALLBACKS + 1
+    tail = fb[-1]["label_selector"][L.SITE]
+    assert tail == f"in({','.join(p.sites[1 + MAX_ORDERED_FALLBACKS:])})"

@@ -36,6 +36,18 @@ from hybridray.topology import DataClass, Topology, load_topology, parse_topolog
 
 __version__ = "0.1.0"
 
+_LAZY = {"Demand": "hybridray.planner", "Plan": "hybridray.planner",
+         "compare": "hybridray.planner", "plan": "hybridray.planner"}
+
+
+def __getattr__(name: str):
+    # The planner pulls in SciPy; load it on first use so `import hybridray` stays light.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'hybridray' has no attribute {name!r}")
+
 __all__ = [
     "AuditLog",
     "Capacity",
@@ -44,8 +56,10 @@ __all__ = [
     "ClusterNotFound",
     "ConfigError",
     "DataClass",
+    "Demand",
     "HybridRayError",
     "Placement",
+    "Plan",
     "PlacementRefused",
     "PlanInfeasible",
     "Preference",
@@ -56,6 +70,7 @@ __all__ = [
     "__version__",
     "actor_options",
     "check_residency",
+    "compare",
     "connect",
     "data_remote_args",
     "decide",
@@ -63,6 +78,7 @@ __all__ = [
     "job_submit_kwargs",
     "load_topology",
     "parse_topology",
+    "plan",
     "scaling_config",
     "serve_options",
     "task_options",

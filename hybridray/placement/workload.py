@@ -10,6 +10,8 @@ from hybridray.topology.models import DataClass
 
 
 class WorkloadKind(str, enum.Enum):
+    """What Ray construct the workload becomes; it decides which options are compiled."""
+
     task = "task"
     actor = "actor"
     train = "train"      # a Ray Train worker group; ``count`` is the number of workers
@@ -19,6 +21,8 @@ class WorkloadKind(str, enum.Enum):
 
 
 class Preference(str, enum.Enum):
+    """How allowed sites are ordered; the first is tried first, the rest are fallbacks."""
+
     cheapest = "cheapest"            # lowest estimated cost (compute + egress of its data)
     onprem_first = "onprem-first"    # on-prem/private sites first, then burst to cloud by cost
     near_data = "near-data"          # the data's own site, then sites with the fastest link to it

@@ -11,7 +11,8 @@ Hierarchy::
     │   └── ResidencyViolation      a node was asked to touch data above its class
     ├── ClusterError                bringing a local cluster up/down or connecting failed
     │   └── ClusterNotFound         no recorded cluster of that name
-    └── PlanInfeasible              the cost planner cannot meet the demand
+    ├── PlanInfeasible              the cost planner cannot meet the demand
+    └── TrainError                  a training run's model, data, checkpoint or storage is unusable
 """
 
 from __future__ import annotations
@@ -68,3 +69,8 @@ class PlanInfeasible(HybridRayError):
     def __init__(self, message: str, binding: list[str]):
         self.binding = list(binding)
         super().__init__(message + ("\n  " + "\n  ".join(self.binding) if self.binding else ""))
+
+
+class TrainError(HybridRayError):
+    """A training run cannot start or go on: an unknown model size, an unreadable or mismatched
+    checkpoint or dataset (the message names the file), a storage root that cannot be written."""

@@ -1,0 +1,226 @@
+"""The checkpoint contract: what a hybridray checkpoint directory holds, and reading it safely.
+
+A checkpoint is a directory (written by rank 0, uploaded by Ray Train to the site's storage)::
+
+    model.safetensors    weights (the tied output layer is stored once, as transformer.wte)
+    model_config.json    GPTConfig fields
+    optimizer.pt         {"optimizer": AdamW state, "scaler": GradScaler state or None,
+                          "wan": DiLoCo outer state or None}
+    state.json           {"step", "data": {"cursor", ...}, "rng", "precision", ...}
+    hybridray.json       {"format": 1, "data_class", "site", "tokenizer": "bytes", ...}
+
+Whoever loads one (training to resume, serving to answer) gets a ``TrainError`` that names
+the file when anything is missing, corrupt or does not match, never a bare ``KeyError``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from hybridray.exceptions import TrainError
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "model_config.json"
+OPTIMIZER_FILE = "optimizer.pt"
+STATE_FILE = "state.json"
+META_FILE = "hybridray.json"
+FORMAT = 1
+TIED = "lm_head.weight"    # same tensor as transformer.wte.weight; stored once
+
+
+class CheckpointReader:
+    """Files of one checkpoint directory, wherever it lives (local, a URI, a filesystem)."""
+
+    def __init__(self, location: Any, filesystem: Any = None):
+        import pyarrow.fs as pafs
+
+        if hasattr(location, "filesystem") and hasattr(location, "path") and filesystem is None:
+            filesystem, location = location.filesystem, location.path   # ray.train.Checkpoint
+        location = os.fspath(location)
+        if filesystem is None:
+            if "://" in location:
+                try:
+                    filesystem, location = pafs.FileSystem.from_uri(location)
+                except Exception as e:
+                    raise TrainError(f"{location}: cannot open checkpoint location ({e})") \
+                        from None
+            else:
+                filesystem, location = pafs.LocalFileSystem(), str(Path(location).absolute())
+        self.fs = filesystem
+        self.path = location.rstrip("/")
+        self.label = self.path
+
+    def where(self, name: str) -> str:
+        return f"{self.path}/{name}"
+
+    def read(self, name: str) -> bytes:
+        try:
+            with self.fs.open_input_stream(self.where(name)) as f:
+                return f.read()
+        except FileNotFoundError:
+            raise TrainError(f"{self.where(name)}: missing; a hybridray checkpoint holds "
+                             f"{', '.join(ALL_FILES)}") from None
+        except OSError as e:
+            raise TrainError(f"{self.where(name)}: cannot read ({e})") from None
+
+    def json(self, name: str) -> dict[str, Any]:
+        raw = self.read(name)
+        try:
+            data = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise TrainError(f"{self.where(name)}: corrupt JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise TrainError(f"{self.where(name)}: expected a JSON object")
+        return data
+
+    def check_complete(self) -> None:
+        import pyarrow.fs as pafs
+
+        try:
+            info = self.fs.get_file_info(self.path)
+        except OSError as e:
+            raise TrainError(f"{self.path}: cannot open checkpoint directory ({e})") from None
+        if info.type == pafs.FileType.NotFound:
+            raise TrainError(f"{self.path}: no such checkpoint directory")
+        if info.type != pafs.FileType.Directory:
+            raise TrainError(f"{self.path}: not a directory; a checkpoint is a directory "
+                             f"holding {', '.join(ALL_FILES)}")
+        infos = self.fs.get_file_info([self.where(n) for n in ALL_FILES])
+        missing = [n for n, i in zip(ALL_FILES, infos) if i.type == pafs.FileType.NotFound]
+        if missing:
+            raise TrainError(f"{self.path}: not a complete hybridray checkpoint; missing "
+                             f"{', '.join(missing)}")
+
+
+ALL_FILES = (MODEL_FILE, CONFIG_FILE, OPTIMIZER_FILE, STATE_FILE, META_FILE)
+
+
+# ---- writing ------------------------------------------------------------------------------
+
+def save_checkpoint(directory: str | os.PathLike, model: Any, *, optimizer: dict[str, Any],
+                    state: dict[str, Any], meta: dict[str, Any]) -> Path:
+    """Write the five files of the contract into the local ``directory`` (created)."""
+    import torch
+    from safetensors.torch import save_file
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous().clone()
+               for k, v in model.state_dict().items() if k != TIED}
+    save_file(tensors, str(out / MODEL_FILE), metadata={"format": "pt", "hybridray": str(FORMAT)})
+    (out / CONFIG_FILE).write_text(json.dumps(model.config.model_dump(), indent=2))
+    torch.save(optimizer, out / OPTIMIZER_FILE)
+    (out / STATE_FILE).write_text(json.dumps(state, indent=2, default=str))
+    (out / META_FILE).write_text(json.dumps({"format": FORMAT, **meta}, indent=2, default=str))
+    return out
+
+
+# ---- reading ------------------------------------------------------------------------------
+
+def read_meta(reader: CheckpointReader) -> dict[str, Any]:
+    """``hybridray.json``, checked for the keys every reader relies on."""
+    meta = reader.json(META_FILE)
+    missing = [k for k in ("data_class", "site", "tokenizer") if k not in meta]
+    if missing:
+        raise TrainError(f"{reader.where(META_FILE)}: missing {', '.join(missing)}")
+    if meta["tokenizer"] != "bytes":
+        raise TrainError(f"{reader.where(META_FILE)}: tokenizer {meta['tokenizer']!r} is not "
+                         "supported; hybridray models are byte-level (\"bytes\")")
+    if meta.get("format", FORMAT) > FORMAT:
+        raise TrainError(f"{reader.where(META_FILE)}: checkpoint format {meta['format']} is "
+                         f"newer than this hybridray reads ({FORMAT}); upgrade hybridray")
+    return meta
+
+
+def read_config(reader: CheckpointReader):
+    from pydantic import ValidationError
+
+    from hybridray.train.model import GPTConfig
+
+    raw = reader.json(CONFIG_FILE)
+    try:
+        return GPTConfig.model_validate(raw)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, x['loc'])) or '<root>'}: {x['msg']}"
+                             for x in e.errors(include_url=False))
+        raise TrainError(f"{reader.where(CONFIG_FILE)}: not a valid GPT config ({problems})") \
+            from None
+
+
+def read_weights(reader: CheckpointReader, config: Any) -> dict[str, Any]:
+    """The tensors of ``model.safetensors``, checked against the shapes ``config`` implies."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    from hybridray.train.model import GPT
+
+    try:
+        tensors = load(reader.read(MODEL_FILE))
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise TrainError(f"{reader.where(MODEL_FILE)}: corrupt or not a safetensors file "
+                         f"({e})") from None
+    import torch
+
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items() if k != TIED}
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = [f"{k} is {tuple(v.shape)}, the config needs {expected[k]}"
+             for k, v in tensors.items() if k in expected and tuple(v.shape) != expected[k]]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:5])}"
+                         + (" ..." if len(unexpected) > 5 else ""))
+        parts.extend(wrong[:5])
+        raise TrainError(f"{reader.where(MODEL_FILE)}: does not match {CONFIG_FILE} ("
+                         + "; ".join(parts) + ")")
+    return tensors
+
+
+def read_state(reader: CheckpointReader) -> dict[str, Any]:
+    state = reader.json(STATE_FILE)
+    if not isinstance(state.get("step"), int) or state["step"] < 0:
+        raise TrainError(f"{reader.where(STATE_FILE)}: 'step' must be a whole number >= 0")
+    return state
+
+
+def read_optimizer(reader: CheckpointReader) -> dict[str, Any]:
+    import pickle
+
+    import torch
+
+    try:
+        data = torch.load(io.BytesIO(reader.read(OPTIMIZER_FILE)), map_location="cpu",
+                          weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as e:
+        raise TrainError(f"{reader.where(OPTIMIZER_FILE)}: corrupt ({str(e).splitlines()[0]})") \
+            from None
+    if not isinstance(data, dict) or "optimizer" not in data:
+        raise TrainError(f"{reader.where(OPTIMIZER_FILE)}: expected a dict with 'optimizer'")
+    return data
+
+
+def load_model(location: Any, filesystem: Any = None, *, device: Any = "cpu",
+               dtype: Any = None):
+    """``(GPT, meta)`` from a checkpoint; see ``hybridray.train.model.load_model``."""
+    from hybridray.train.model import GPT
+
+    reader = CheckpointReader(location, filesystem)
+    reader.check_complete()
+    meta = read_meta(reader)
+    config = read_config(reader)
+    tensors = read_weights(reader, config)
+    state = read_state(reader)
+    model = GPT(config)
+    model.load_state_dict(tensors, strict=False)   # lm_head.weight is tied to wte
+    model.to(device=device, dtype=dtype)
+    model.eval()
+    return model, {**meta, "step": state["step"], "precision": state.get("precision"),
+                   "model_config": config.model_dump(), "path": reader.label}

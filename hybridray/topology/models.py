@@ -187,6 +187,8 @@ class Storage(_Strict):
         if not rest.strip("/"):
             raise ValueError(f"has no path or bucket after the scheme (got {value!r})")
         if scheme == "file":  # expand ~ and $VARS once, here, so every reader agrees
+            home = os.environ.get("HYBRIDRAY_HOME") or "~/.hybridray"  # always defined
+            rest = rest.replace("${HYBRIDRAY_HOME}", home).replace("$HYBRIDRAY_HOME", home)
             path = os.path.abspath(os.path.expanduser(os.path.expandvars(rest)))
             if "$" in path:
                 raise ValueError(f"uses an environment variable that is not set (got {value!r})")

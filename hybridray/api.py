@@ -21,7 +21,7 @@ from hybridray.exceptions import ClusterNotFound
 from hybridray.placement import compile as C
 from hybridray.placement.capacity import Capacity
 from hybridray.placement.decision import Placement
-from hybridray.placement.guard import guarded
+from hybridray.placement.guard import check_residency, guarded
 from hybridray.placement.policy import decide
 from hybridray.placement.workload import Workload
 from hybridray.topology.models import Topology
@@ -57,18 +57,23 @@ class Cluster:
 
     # -- running ------------------------------------------------------------------------
     def remote(self, workload: Workload, fn: Callable | type, *, guard: bool = True):
-        """``ray.remote(fn)`` with options from the placement; raises if refused.
+        """``fn`` (a function, class, or something already ``@ray.remote``) with the
+        placement's options applied; raises ``PlacementRefused`` if the policy refuses.
 
-        With ``guard`` (default), functions check the node's labels before running
-        (``check_residency``) — defence in depth behind the label selectors.
+        With ``guard`` (default) and a classified workload, plain functions check the node's
+        labels before running and plain classes before ``__init__`` (``check_residency``):
+        defence in depth behind the label selectors.
         """
         import ray
 
         placement = self.place(workload).raise_if_refused()
         opts = C.task_options(placement)
+        if hasattr(fn, "remote") and hasattr(fn, "options"):  # already @ray.remote
+            return fn.options(**opts)
         target = fn
-        if guard and workload.data_classes and not isinstance(fn, type):
-            target = guarded(workload.data_class)(fn)
+        if guard and workload.data_classes:
+            target = _guard_class(fn, workload) if isinstance(fn, type) else \
+                guarded(workload.data_class)(fn)
         return ray.remote(target).options(**opts)
 
     def run(self, fn: Callable, workload: Workload, *args: Any, **kwargs: Any):
@@ -78,6 +83,18 @@ class Cluster:
     def actor(self, cls: type, workload: Workload, *args: Any, **kwargs: Any):
         """Place and start an actor of ``cls``; returns its handle."""
         return self.remote(workload, cls).remote(*args, **kwargs)
+
+
+def _guard_class(cls: type, workload: Workload) -> type:
+    """A subclass of ``cls`` whose ``__init__`` first checks the node may hold the data."""
+    data_class = workload.data_class
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        check_residency(data_class)
+        cls.__init__(self, *args, **kwargs)
+
+    return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__,
+                                        "__qualname__": cls.__qualname__})
 
 
 def connect(name: str | None = None, *, home: str | os.PathLike | None = None,

@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "validate",
     "plan",
     "place",     # place, audit
+    "train",
 ]
 
 

@@ -151,26 +151,61 @@ def read_config(reader: CheckpointReader):
             from None
 
 
-def read_weights(reader: CheckpointReader, config: Any) -> dict[str, Any]:
-    """The tensors of ``model.safetensors``, checked against the shapes ``config`` implies."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
+SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
+MAX_HEADER_BYTES = 100 << 20
+
+
+def check_same_shape(have: Any, want: Any, reader: CheckpointReader) -> None:
+    """Raise unless checkpoint config ``have`` has the shape this run asks for (``want``)."""
+    diff = [f"{f}={getattr(have, f)} (this run: {getattr(want, f)})" for f in SHAPE_FIELDS
+            if getattr(have, f) != getattr(want, f)]
+    if diff:
+        raise TrainError(f"{reader.where(CONFIG_FILE)}: the checkpoint's model differs from "
+                         f"this run's: {', '.join(diff)}; set model.* to match, or start a new "
+                         "run (train.resume=never, or another name)")
+
+
+def read_header(reader: CheckpointReader) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from the safetensors header, without reading the weights."""
+    import struct
+
+    where = reader.where(MODEL_FILE)
+    try:
+        with reader.fs.open_input_file(where) as f:
+            size = f.size()
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            if not 0 < n <= min(size - 8, MAX_HEADER_BYTES):
+                raise TrainError(f"{where}: corrupt or not a safetensors file (bad header "
+                                 "length)")
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise TrainError(f"{where}: missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TrainError(f"{where}: corrupt or not a safetensors file ({e})") from None
+    try:
+        tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+        shapes = {k: tuple(int(d) for d in v["shape"]) for k, v in tensors.items()}
+        end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
+    except (TypeError, KeyError, ValueError, AttributeError, IndexError):
+        raise TrainError(f"{where}: corrupt safetensors header") from None
+    if 8 + n + end != size:
+        raise TrainError(f"{where}: truncated or corrupt (header describes {8 + n + end} "
+                         f"bytes, the file has {size})")
+    return shapes
+
+
+def _check_shapes(reader: CheckpointReader, config: Any, shapes: dict[str, tuple]) -> None:
+    import torch
 
     from hybridray.train.model import GPT
 
-    try:
-        tensors = load(reader.read(MODEL_FILE))
-    except (SafetensorError, ValueError, RuntimeError) as e:
-        raise TrainError(f"{reader.where(MODEL_FILE)}: corrupt or not a safetensors file "
-                         f"({e})") from None
-    import torch
-
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items() if k != TIED}
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = [f"{k} is {tuple(v.shape)}, the config needs {expected[k]}"
-             for k, v in tensors.items() if k in expected and tuple(v.shape) != expected[k]]
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong = [f"{k} is {v}, the config needs {expected[k]}"
+             for k, v in shapes.items() if k in expected and v != expected[k]]
     if missing or unexpected or wrong:
         parts = []
         if missing:
@@ -181,7 +216,34 @@ def read_weights(reader: CheckpointReader, config: Any) -> dict[str, Any]:
         parts.extend(wrong[:5])
         raise TrainError(f"{reader.where(MODEL_FILE)}: does not match {CONFIG_FILE} ("
                          + "; ".join(parts) + ")")
+
+
+def read_weights(reader: CheckpointReader, config: Any) -> dict[str, Any]:
+    """The tensors of ``model.safetensors``, checked against the shapes ``config`` implies."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        tensors = load(reader.read(MODEL_FILE))
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise TrainError(f"{reader.where(MODEL_FILE)}: corrupt or not a safetensors file "
+                         f"({e})") from None
+    _check_shapes(reader, config, {k: tuple(v.shape) for k, v in tensors.items()})
     return tensors
+
+
+def inspect_checkpoint(location: Any, filesystem: Any = None
+                       ) -> tuple[dict[str, Any], Any, dict[str, Any]]:
+    """``(meta, GPTConfig, state)`` of a checkpoint, checked without loading its weights:
+    all files present, JSON valid, the safetensors header complete and matching the config.
+    Cheap enough for a driver to vet a checkpoint before any worker starts."""
+    reader = location if isinstance(location, CheckpointReader) else CheckpointReader(
+        location, filesystem)
+    reader.check_complete()
+    meta = read_meta(reader)
+    config = read_config(reader)
+    _check_shapes(reader, config, read_header(reader))
+    return meta, config, read_state(reader)
 
 
 def read_state(reader: CheckpointReader) -> dict[str, Any]:

@@ -1,0 +1,132 @@
+"""Training on the shared three-site cluster: placement by class, burst, WAN bytes, refusals.
+
+clusters/local.yaml: onprem may hold restricted data, cloud-a confidential, cloud-b internal
+(spot); 2 CPUs each. Runs are tiny (a few dozen steps of the ``tiny`` model) so the whole
+module fits a 2-core machine; what is asserted is where work ran and what it sent.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hybridray.api import Cluster
+from hybridray.exceptions import PlacementRefused, TrainError
+from hybridray.topology import parse_topology
+from hybridray.train.model import generate, load_model
+from hybridray.train.trainer import train
+from tests.paths import CLUSTERS
+
+pytestmark = pytest.mark.slow
+
+FAST = ["model.block_size=32", "train.micro_batch=8", "train.eval_batches=2",
+        "train.warmup_steps=2", "train.max_failures=0", "data.max_files=24",
+        "data.shard_files=12", "metrics.progress=false"]
+
+
+def run(hr_cluster, name: str, *overrides: str):
+    return train({"name": name}, hr_cluster, overrides=[*FAST, *overrides], progress=False)
+
+
+def test_two_sites_burst_loss_falls_and_powersgd_cuts_the_link(hr_cluster):
+    r = run(hr_cluster, "burst", "data.data_class=confidential",
+            "data.output=onprem:datasets/test-confidential", "train.cpus_per_worker=2",
+            "train.preference=onprem-first", "train.steps=24", "train.log_interval=4",
+            "train.eval_interval=12", "train.checkpoint_interval=12", "wan.mode=powersgd",
+            "wan.powersgd_start=5", "wan.powersgd_rank=1")
+    # A worker fills the on-prem node, so the second bursts to the cloud that may hold the data.
+    assert r.planned_sites == ["onprem", "cloud-a"]
+    assert sorted(r.worker_sites) == ["cloud-a", "onprem"]          # as the workers report
+    assert r.final_eval_loss < r.initial_eval_loss - 0.3
+    assert r.steps == 24 and r.restarts == 0
+
+    base = r.history[0]["baseline_cross_site_bytes_per_step"]
+    assert base > 0
+    assert r.history[0]["cross_site_bytes_per_step"] == base        # steps 1-4: plain DDP
+    assert all(w["cross_site_bytes_per_step"] < base / 4 for w in r.history[2:])
+    assert r.wan["comm_reduction"] > 4
+
+    # The checkpoint lives at the data's site and carries its class.
+    assert r.checkpoint == "onprem:checkpoints/burst/checkpoint-00000024"
+    model, meta = load_model(r.checkpoint_uri)
+    assert meta["data_class"] == "confidential" and meta["site"] in ("onprem", "cloud-a")
+    assert isinstance(generate(model, b"def ", 16, temperature=0), bytes)
+    sent = hr_cluster.audit.read("transfer", run="burst")
+    assert {(t["src"], t["dst"]) for t in sent if "gradients" in t["what"]} == {
+        ("onprem", "cloud-a"), ("cloud-a", "onprem")}
+    assert any(t["what"] == "corpus shards" and t["dst"] == "cloud-a" for t in sent)
+
+
+def test_restricted_data_trains_only_on_prem_in_bf16(hr_cluster):
+    r = run(hr_cluster, "restricted", "train.steps=6", "train.log_interval=3",
+            "train.eval_interval=6", "train.checkpoint_interval=6", "train.precision=bf16")
+    # cloud-a and cloud-b are cheaper and idle, but may not hold restricted data.
+    assert r.worker_sites == ["onprem", "onprem"]
+    assert all(a["sites"] == ["onprem", "onprem"] for a in r.attempts)
+    assert r.metrics["precision"] == "bf16" and r.metrics["loss"] == r.metrics["loss"]
+    assert r.data_class == "restricted"
+    meta = json.loads((Path(r.checkpoint_uri.removeprefix("file://")) / "hybridray.json")
+                      .read_text())
+    assert meta["data_class"] == "restricted" and meta["site"] == "onprem"
+    assert meta["tokenizer"] == "bytes"
+    placed = hr_cluster.audit.read("placement", workload="restricted")
+    assert placed[-1]["sites"] == ["onprem"]
+    assert placed[-1]["excluded"]["cloud-a"].startswith("may hold up to confidential")
+
+    # Re-running the finished run with another model shape is refused before any worker.
+    with pytest.raises(TrainError, match=r"checkpoint-00000006/model_config\.json: the "
+                                         r"checkpoint's model differs .* n_layer=2 \(this run: 4"):
+        run(hr_cluster, "restricted", "train.steps=12", "model.n_layer=4")
+
+
+def _cluster_with(hr_cluster, tmp_path, *overrides: str) -> Cluster:
+    """The same running Ray cluster seen through an edited topology (and its own audit)."""
+    from hybridray.audit import AuditLog
+
+    text = (CLUSTERS / "local.yaml").read_text()
+    topology = parse_topology(text, overrides=list(overrides))
+    return Cluster(topology, audit=AuditLog(tmp_path / "audit.jsonl"))
+
+
+def test_refused_before_any_worker_starts_when_no_site_may_hold_the_class(hr_cluster,
+                                                                          tmp_path):
+    cluster = _cluster_with(hr_cluster, tmp_path, "sites.onprem.max_data_class=confidential")
+    with pytest.raises(PlacementRefused, match="no site may hold restricted data") as e:
+        train({"name": "nowhere"}, cluster, overrides=FAST, progress=False)
+    assert e.value.rule == "residency"
+    assert [r["event"] for r in cluster.audit] == ["refusal"]      # nothing else happened
+    storage = Path(hr_cluster.topology.sites["onprem"].storage.path)
+    assert not (storage / "checkpoints" / "nowhere").exists()
+
+
+def test_checkpoints_may_not_go_to_a_site_below_the_data_class(hr_cluster):
+    with pytest.raises(PlacementRefused, match="checkpoints inherit the data's class "
+                                               "restricted, and site 'cloud-b' may hold up "
+                                               "to internal"):
+        run(hr_cluster, "leaky", "checkpoint.site=cloud-b")
+
+
+def test_unwritable_storage_root_is_named(hr_cluster, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    cluster = _cluster_with(hr_cluster, tmp_path,
+                            f"sites.onprem.storage.root=file://{blocker}/storage")
+    with pytest.raises(TrainError, match=f"checkpoint storage file://{blocker}/storage/"
+                                         "checkpoints \\(site onprem\\) cannot be written"):
+        train({"name": "unwritable"}, cluster, overrides=FAST, progress=False)
+
+
+def test_corrupt_checkpoint_to_start_from_is_refused_before_workers(hr_cluster, tmp_path):
+    from hybridray.train.checkpoint import save_checkpoint
+    from hybridray.train.model import GPT
+
+    path = save_checkpoint(tmp_path / "ck", GPT.from_size("tiny"), optimizer={"optimizer": {}},
+                           state={"step": 1, "data": {"cursor": 0}},
+                           meta={"data_class": "internal", "site": "onprem",
+                                 "tokenizer": "bytes"})
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(TrainError, match=r"ck/model\.safetensors: truncated or corrupt"):
+        run(hr_cluster, "finetune", f"model.init_from={path}")

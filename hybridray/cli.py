@@ -17,6 +17,7 @@ from hybridray.exceptions import HybridRayError
 # command modules, in the order `hybridray --help` lists them
 COMMAND_MODULES = [
     "validate",
+    "cluster",   # up, down, status, env
     "plan",
     "place",     # place, audit
     "train",

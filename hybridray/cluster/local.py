@@ -1,0 +1,260 @@
+"""Start and stop a real multi-site Ray cluster on this machine: one ``ray start`` per node.
+
+``up`` plans the nodes (``plan.py``), prepares the cluster's directories, token and ports,
+and hands the launching to ``startup.py``; if anything fails, it stops whatever was started,
+so nothing is left half up. ``down`` stops exactly the recorded processes, recognised by pid
+*and* start time: workers first, then the head, SIGKILL for what outlives a grace period.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+from hybridray.cluster.auth import write_token
+from hybridray.cluster.plan import plan_nodes
+from hybridray.cluster.ports import check_pinned, free_ports
+from hybridray.cluster.startup import MAX_ATTEMPTS, Progress, Startup
+from hybridray.cluster.state import (
+    ClusterState,
+    NodeRecord,
+    cluster_dir,
+    cluster_lock,
+    hybridray_home,
+    load_state,
+    now_iso,
+    processes_using,
+    reap,
+    save_state,
+)
+from hybridray.exceptions import ClusterError, ClusterNotFound
+from hybridray.topology.models import Topology
+
+UP_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 15.0
+# Unix socket paths hold at most 107 bytes and Ray puts its sockets at
+# TEMP_DIR/session_YYYY-MM-DD_HH-MM-SS_UUUUUU_PID/sockets/plasma_store (pid up to 7 digits).
+MAX_SOCKET_PATH = 107
+SOCKET_SUFFIX = len("/session_2026-01-01_00-00-00_000000_4194304/sockets/plasma_store.99")
+
+
+def up(topology: Topology, *, source_file: str | os.PathLike | None = None,
+       overrides: list[str] | tuple[str, ...] = (), simulate: bool = False,
+       dashboard: bool = True, home: str | os.PathLike | None = None,
+       port: int | None = None, dashboard_port: int | None = None,
+       timeout: float = UP_TIMEOUT_S, progress: Progress | None = None) -> ClusterState:
+    """Start ``topology`` as a real Ray cluster of local processes and record it.
+
+    Args:
+        topology: the validated cluster; every site must be ``provider: local`` unless
+            ``simulate``.
+        source_file: the cluster file it came from, recorded so ``ClusterState.topology()``
+            and ``hybridray down FILE`` can reload it.
+        overrides: the ``key=value`` overrides applied to ``source_file``.
+        simulate: run every site as local processes, one small node per pool.
+        dashboard: start the Ray dashboard (needed by ``ray job submit``) on 127.0.0.1.
+        home: the hybridray home (default ``$HYBRIDRAY_HOME`` or ``~/.hybridray``).
+        port, dashboard_port: pin the GCS or dashboard port instead of picking free ones.
+        timeout: seconds to wait for every node to register with the GCS.
+        progress: called with one line per node as it comes up.
+
+    Returns:
+        The recorded state, every node alive and registered.
+
+    Raises:
+        ClusterError: a site is not local, a pinned port is taken, the cluster is already
+            up, or a node failed to start (everything started is stopped again first).
+    """
+    say = progress or (lambda line: None)
+    if not Path("/proc/self/stat").exists():
+        raise ClusterError("local clusters need Linux (/proc); run hybridray up on Linux")
+    specs = plan_nodes(topology, simulate=simulate)
+    name = topology.name
+    home_path = hybridray_home(home).expanduser().absolute()
+    temp_dir = _ray_temp_dir(name, home_path, len(specs) * MAX_ATTEMPTS)
+    _check_socket_paths(temp_dir, len(specs) * MAX_ATTEMPTS)
+    with cluster_lock(name, home_path):
+        _clear_stale(name, home_path)
+        check_pinned({"--port": port, "--dashboard-port": dashboard_port})
+        state_dir = cluster_dir(name, home_path)
+        token_path = state_dir / "token"
+        try:
+            _prepare_dirs(state_dir, temp_dir)
+            write_token(token_path)
+        except OSError as e:
+            raise ClusterError(f"cannot prepare {state_dir} and {temp_dir}: {e}") from None
+        pinned = {p for p in (port, dashboard_port) if p is not None}
+        picked = iter(free_ports(5, exclude=pinned))
+        ports = {"gcs": port or next(picked), "dashboard": dashboard_port or next(picked),
+                 "client_server": next(picked), "dashboard_metrics": next(picked),
+                 "autoscaler_metrics": next(picked)}
+        state = ClusterState(
+            name=name, address=f"{_node_ip()}:{ports['gcs']}", token_path=str(token_path),
+            temp_dir=temp_dir, home=str(home_path), ports=ports, dashboard=dashboard,
+            simulate=simulate,
+            source_file=str(Path(source_file).absolute()) if source_file else None,
+            overrides=list(overrides), topology_snapshot=topology.model_dump(mode="json"),
+            created_at=now_iso())
+        save_state(state)
+        try:
+            Startup(state, timeout=timeout, say=say).run(specs)
+        except BaseException as e:
+            stopped = _stop_nodes(state.nodes)
+            _remove_runtime(state)
+            if isinstance(e, ClusterError):
+                raise ClusterError(f"{e}\nstopped the {len(stopped)} node process(es) "
+                                   "already started; nothing is left running") from None
+            raise
+        save_state(state)
+        return state
+
+
+def down(name: str, *, home: str | os.PathLike | None = None,
+         timeout: float = STOP_TIMEOUT_S) -> list[int]:
+    """Stop every node of cluster ``name`` (workers first, head last) and forget its state.
+
+    Returns:
+        The recorded ``ray start`` pids (each its node's process group) that still had
+        processes running and were stopped; empty when the cluster was already down.
+
+    Raises:
+        ClusterNotFound: no cluster of that name was ever recorded under ``home``.
+    """
+    if not cluster_dir(name, home).is_dir():
+        load_state(name, home=home)  # raises ClusterNotFound, listing the known clusters
+    with cluster_lock(name, home):
+        try:
+            state = load_state(name, home=home)
+        except ClusterNotFound:
+            return []  # down already ran; the directory only keeps the logs
+        stopped = _stop_nodes(state.nodes, timeout)
+        _remove_runtime(state)
+        return stopped
+
+
+# ---- starting -----------------------------------------------------------------------------
+
+def _ray_temp_dir(name: str, home: Path, nodes: int) -> str:
+    """A short root for the cluster's Ray ``--temp-dir``s (one sub-directory per node).
+
+    Nodes sharing one temp dir race for the same socket names when they start together,
+    and the raylet that loses aborts; so each node gets ``ROOT/INDEX``. The root names the
+    cluster and a hash of its hybridray home, so a cluster ``local`` of a test's home never
+    meets the user's own ``local``; long names are hashed so the socket paths stay short.
+    """
+    digest = hashlib.sha1(str(home).encode()).hexdigest()
+    root = f"/tmp/hr-{os.getuid()}-{name}-{digest[:6]}"
+    if len(f"{root}/{nodes - 1}") + SOCKET_SUFFIX > MAX_SOCKET_PATH:
+        short = hashlib.sha1(f"{home}/{name}".encode()).hexdigest()[:10]
+        root = f"/tmp/hr-{os.getuid()}-{name[:8]}-{short}"
+    return root
+
+
+def _check_socket_paths(root: str, nodes: int) -> None:
+    """Unix socket paths hold at most 107 bytes; Ray's go deep below the temp dir."""
+    longest = len(f"{root}/{nodes - 1}") + SOCKET_SUFFIX
+    if longest > MAX_SOCKET_PATH:
+        over = longest - MAX_SOCKET_PATH
+        raise ClusterError(
+            f"Ray's socket paths under {root} would be {longest} bytes, over the "
+            f"{MAX_SOCKET_PATH}-byte limit of unix sockets ({over} too many); start fewer "
+            "nodes on this machine")
+
+
+def _prepare_dirs(state_dir: Path, temp_dir: str) -> None:
+    if state_dir.exists():  # logs of an earlier run that was brought down
+        shutil.rmtree(state_dir)
+    (state_dir / "logs").mkdir(parents=True, mode=0o700)
+    os.chmod(state_dir, 0o700)
+    if os.path.lexists(temp_dir):
+        st = os.lstat(temp_dir)
+        if not os.path.isdir(temp_dir) or os.path.islink(temp_dir) or st.st_uid != os.getuid():
+            raise ClusterError(f"{temp_dir} exists and is not a directory owned by you; Ray "
+                               "would write sockets and logs there. Remove it and retry")
+        users = processes_using(temp_dir + "/")
+        if users:
+            raise ClusterError(f"processes {', '.join(map(str, users[:8]))} still run from "
+                               f"{temp_dir} (a cluster whose state was lost?); stop them, "
+                               "then retry")
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    os.mkdir(temp_dir, 0o700)
+
+
+def _clear_stale(name: str, home: Path) -> None:
+    """Refuse if ``name`` is running; forget it if every recorded process is gone."""
+    try:
+        old = load_state(name, home=home)
+    except ClusterNotFound:
+        return
+    alive = old.alive_nodes()
+    if alive:
+        raise ClusterError(f"cluster {name!r} is already up ({len(alive)} of "
+                           f"{len(old.nodes)} node processes running, GCS at {old.address}); "
+                           f"run hybridray down {name} first, or pick another name "
+                           f"(override name=OTHER)")
+    _remove_runtime(old)
+
+
+def _node_ip() -> str:
+    """The address Ray itself will advertise for this machine (it replaces 127.0.0.1)."""
+    from ray._private.services import get_node_ip_address
+
+    return get_node_ip_address()
+
+
+# ---- stopping -----------------------------------------------------------------------------
+
+def _stop_nodes(nodes: list[NodeRecord], timeout: float = STOP_TIMEOUT_S) -> list[int]:
+    """SIGTERM workers, then the head; SIGKILL each node's group for whatever remains."""
+    stopped = [n.pid for n in nodes if n.alive()]
+    deadline = time.monotonic() + timeout
+    workers = [n for n in nodes if n.role != "head"]
+    heads = [n for n in nodes if n.role == "head"]
+    for batch, share in ((workers, 0.6), (heads, 1.0)):
+        for node in batch:
+            if node.leader_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(node.pid, signal.SIGTERM)
+        batch_deadline = time.monotonic() + share * max(0.0, deadline - time.monotonic())
+        _wait_gone(batch, batch_deadline)
+    for node in nodes:  # leaders that ignored SIGTERM, and orphans of leaders killed earlier
+        if node.group():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(node.pgid, signal.SIGKILL)
+    _wait_gone(nodes, time.monotonic() + 5)
+    return stopped
+
+
+def _wait_gone(nodes: list[NodeRecord], deadline: float) -> None:
+    """Wait for nodes to exit; pass SIGTERM on to a group whose leader left it behind.
+
+    ``ray start --block`` stops its children on SIGTERM, but a leader that dies another way
+    (SIGKILL, or SIGTERM before its handler is installed) orphans them, and they would
+    linger until the SIGKILL at the end.
+    """
+    orphaned: set[str] = set()
+    while True:
+        for node in nodes:
+            reap(node.pid)
+            if node.key not in orphaned and not node.leader_alive() and node.group():
+                orphaned.add(node.key)
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(node.pgid, signal.SIGTERM)
+        if not any(n.alive() for n in nodes) or time.monotonic() >= deadline:
+            return
+        time.sleep(0.1)
+
+
+def _remove_runtime(state: ClusterState) -> None:
+    """Forget a stopped cluster: state and token go, node logs stay for a post-mortem."""
+    for path in (state.state_dir / "state.json", Path(state.token_path)):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    temp = state.temp_dir
+    if temp.startswith("/tmp/hr-") and os.path.isdir(temp) and not os.path.islink(temp):
+        shutil.rmtree(temp, ignore_errors=True)

@@ -1,0 +1,133 @@
+"""Which nodes a local cluster runs and the ``ray start`` command line of each, as pure data.
+
+Deciding *what* to start is kept apart from starting it (``local.py``), so the decision can be
+read and tested without launching anything: one ``NodeSpec`` per node, built from the
+topology, and one function that turns a spec plus its ports into ``ray start`` arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+from hybridray.exceptions import ClusterError
+from hybridray.labels import labels_arg, node_labels, node_resources
+from hybridray.topology.models import NodePool, Provider, Topology
+
+NODE = "hybridray.io/node"   # label naming the node ("head" or "SITE.POOL.INDEX"), set here only
+SIMULATE_MAX_CPUS = 2
+SIMULATE_OBJECT_STORE_MB = 100
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """One node to start: where it belongs and what it declares to Ray."""
+
+    key: str
+    site: str
+    pool: str | None
+    role: str
+    index: int
+    cpus: int
+    gpus: int
+    memory_bytes: int | None
+    object_store_bytes: int
+    labels: dict[str, str] = field(default_factory=dict)
+    resources: dict[str, float] = field(default_factory=dict)
+    price_per_hour: float = 0.0
+
+
+def plan_nodes(topology: Topology, *, simulate: bool = False) -> list[NodeSpec]:
+    """The head first, then ``min_nodes`` nodes of every pool of every site.
+
+    With ``simulate`` every site runs as local processes whatever its provider, one node per
+    pool (so a site whose pools start at ``min: 0`` still shows up), at most
+    ``SIMULATE_MAX_CPUS`` CPUs and a ``SIMULATE_OBJECT_STORE_MB`` object store per node, so a
+    large topology fits a laptop. Labels, custom resources and GPUs stay as declared.
+
+    Raises:
+        ClusterError: a site is not ``provider: local`` (without ``simulate``), or a local
+            node asks for a fractional number of CPUs.
+    """
+    if not simulate:
+        remote = [f"{name} ({site.provider.value})" for name, site in topology.sites.items()
+                  if site.provider is not Provider.local]
+        if remote:
+            raise ClusterError(
+                f"cluster {topology.name!r}: hybridray up starts only provider: local sites, "
+                f"and {', '.join(remote)} {'is' if len(remote) == 1 else 'are'} not local. "
+                "Use hybridray render for real sites, or hybridray up FILE --simulate to run "
+                "every site as local processes")
+    head = topology.head
+    specs = [NodeSpec(
+        key="head", site=head.site, pool=None, role="head", index=0,
+        cpus=_whole_cpus(head.cpus, "head.cpus", simulate),
+        gpus=0, memory_bytes=None,
+        object_store_bytes=_object_store_mb(head.object_store_mb, simulate) * 2**20,
+        labels={**node_labels(topology, head.site, None, role="head"), NODE: "head"},
+        resources=node_resources(head.site, None),
+    )]
+    for site_name, site in topology.sites.items():
+        for p, pool in enumerate(site.pools):
+            where = f"sites.{site_name}.pools[{p}]"
+            for i in range(_node_count(pool, simulate)):
+                key = f"{site_name}.{pool.name}.{i}"
+                specs.append(NodeSpec(
+                    key=key, site=site_name, pool=pool.name, role="worker", index=i,
+                    cpus=_whole_cpus(pool.cpus, f"{where}.cpus", simulate),
+                    gpus=pool.gpus,
+                    memory_bytes=int(pool.memory_gb * 2**30),
+                    object_store_bytes=_object_store_mb(pool.object_store_mb, simulate) * 2**20,
+                    labels={**node_labels(topology, site_name, pool, role="worker"), NODE: key},
+                    resources=node_resources(site_name, pool),
+                    price_per_hour=pool.price_per_node_hour,
+                ))
+    return specs
+
+
+def _node_count(pool: NodePool, simulate: bool) -> int:
+    if simulate:
+        return 1 if pool.max_nodes > 0 else 0
+    return pool.min_nodes
+
+
+def _whole_cpus(cpus: float, where: str, simulate: bool) -> int:
+    if simulate:
+        return min(max(math.ceil(cpus), 0), SIMULATE_MAX_CPUS)
+    if cpus != int(cpus):
+        raise ClusterError(f"{where}: a local node declares whole CPUs (got {cpus}); "
+                           f"set {math.floor(cpus) or 1} or {math.ceil(cpus)}")
+    return int(cpus)
+
+
+def _object_store_mb(mb: int, simulate: bool) -> int:
+    return min(mb, SIMULATE_OBJECT_STORE_MB) if simulate else mb
+
+
+def ray_start_args(spec: NodeSpec, *, temp_dir: str, gcs_address: str | None,
+                   ports: dict[str, int], agent_port: int, dashboard: bool = True) -> list[str]:
+    """``ray start`` arguments (after ``ray start``) for one node.
+
+    ``ports`` holds the cluster-wide ports (``gcs``, ``dashboard``, ``client_server``) and
+    ``agent_port`` this node's dashboard agent port: Ray's defaults (6379, 8265, 10001,
+    52365) would collide between two clusters, or two nodes, on one machine.
+    """
+    args = ["--block", "--disable-usage-stats", "--temp-dir", temp_dir,
+            "--num-cpus", str(spec.cpus), "--num-gpus", str(spec.gpus),
+            "--object-store-memory", str(spec.object_store_bytes),
+            "--labels", labels_arg(spec.labels),
+            "--resources", json.dumps(spec.resources, separators=(",", ":")),
+            "--dashboard-agent-listen-port", str(agent_port)]
+    if spec.memory_bytes is not None:
+        args += ["--memory", str(spec.memory_bytes)]
+    if spec.role == "head":
+        args += ["--head", "--port", str(ports["gcs"]),
+                 "--ray-client-server-port", str(ports["client_server"]),
+                 "--include-dashboard", "true" if dashboard else "false",
+                 "--dashboard-host", "127.0.0.1", "--dashboard-port", str(ports["dashboard"])]
+    else:
+        if gcs_address is None:
+            raise ValueError("a worker node needs the head's GCS address")
+        args += ["--address", gcs_address]
+    return args

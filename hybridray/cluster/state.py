@@ -1,0 +1,277 @@
+"""What hybridray knows about a local cluster, kept on disk so any later process can find it.
+
+``hybridray up`` may exit long before ``hybridray down`` runs, in another shell or after a
+reboot, so everything needed to reach or stop a cluster lives in
+``$HYBRIDRAY_HOME/clusters/NAME/state.json``. A pid alone is not an identity: the kernel
+recycles pids, so each node also records its process start time (``/proc/PID/stat`` field 22)
+and a process is only ever "ours" while both match. ``down`` deletes ``state.json`` and the
+token but keeps the directory with the node logs, which is how "already down" differs from
+"never heard of it".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import fcntl
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hybridray.exceptions import ClusterError, ClusterNotFound
+from hybridray.topology.models import NAME_PATTERN, Topology
+
+STATE_VERSION = 1
+_NAME_RE = re.compile(NAME_PATTERN)
+
+
+def hybridray_home(home: str | os.PathLike | None = None) -> Path:
+    """``home`` or ``$HYBRIDRAY_HOME`` or ``~/.hybridray``."""
+    return Path(home or os.environ.get("HYBRIDRAY_HOME") or Path.home() / ".hybridray")
+
+
+def clusters_dir(home: str | os.PathLike | None = None) -> Path:
+    return hybridray_home(home) / "clusters"
+
+
+def cluster_dir(name: str, home: str | os.PathLike | None = None) -> Path:
+    """``$HYBRIDRAY_HOME/clusters/NAME`` (the name is checked, so it never escapes the home)."""
+    if not _NAME_RE.match(name):
+        raise ClusterNotFound(
+            f"{name!r} is not a cluster name (names are lowercase letters, digits and '-'); "
+            f"recorded clusters: {', '.join(list_clusters(home)) or 'none'}")
+    return clusters_dir(home) / name
+
+
+# ---- process identity ---------------------------------------------------------------------
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """``/proc/PID/stat`` split after the command name (which may hold spaces and ')')."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read().decode("ascii", "replace")
+    except OSError:
+        return None
+    return raw[raw.rfind(")") + 2:].split()
+
+
+def process_start_time(pid: int) -> int | None:
+    """Start time of a live (non-zombie) process in clock ticks since boot, else None."""
+    fields = _stat_fields(pid)
+    if fields is None or fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])  # field 22 of the file; fields[0] is field 3 (state)
+
+
+def group_members(pgid: int, not_before: int = 0) -> list[int]:
+    """Live pids in process group ``pgid`` started at or after ``not_before`` (clock ticks)."""
+    members = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        fields = _stat_fields(int(entry.name))
+        if fields is None or fields[0] in ("Z", "X"):
+            continue
+        if int(fields[2]) == pgid and int(fields[19]) >= not_before:
+            members.append(int(entry.name))
+    return members
+
+
+def processes_using(text: str) -> list[int]:
+    """Live pids whose command line contains ``text`` (e.g. a Ray temp dir)."""
+    needle = text.encode()
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                if needle in f.read().replace(b"\0", b" "):
+                    found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def reap(pid: int) -> None:
+    """Collect the exit status of ``pid`` if it is our own child, so it leaves no zombie."""
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+# ---- records ------------------------------------------------------------------------------
+
+@dataclass
+class NodeRecord:
+    """One ``ray start --block`` process: which node it is and how to recognise it later."""
+
+    key: str                  # "head" or "SITE.POOL.INDEX"; also the hybridray.io/node label
+    site: str
+    pool: str | None          # None for the head
+    role: str                 # "head" or "worker"
+    index: int
+    pid: int
+    pgid: int
+    start_time: int           # /proc/PID/stat field 22 at launch
+    log: str
+    temp_dir: str = ""        # this node's Ray --temp-dir
+    cpus: float = 0
+    gpus: int = 0
+    price_per_hour: float = 0.0
+    agent_port: int | None = None
+    node_id: str | None = None
+
+    def leader_alive(self) -> bool:
+        """The recorded ``ray start`` process itself still runs (same pid *and* start time)."""
+        return process_start_time(self.pid) == self.start_time
+
+    def group(self) -> list[int]:
+        """Live processes of this node's process group (the leader or its orphans).
+
+        Empty when the pgid now belongs to someone else: a recycled pid that leads a new
+        group has a different start time, so its group is not ours.
+        """
+        leader = process_start_time(self.pgid)
+        if leader is not None and leader != self.start_time:
+            return []
+        return group_members(self.pgid, not_before=self.start_time)
+
+    def alive(self) -> bool:
+        return self.leader_alive() or bool(self.group())
+
+
+@dataclass
+class ClusterState:
+    """A cluster started by ``hybridray up``: where it is, how to reach it, what runs."""
+
+    name: str
+    address: str                      # GCS host:port
+    token_path: str
+    temp_dir: str                     # Ray's --temp-dir for every node
+    home: str                         # the HYBRIDRAY_HOME it is recorded under
+    ports: dict[str, int] = field(default_factory=dict)
+    dashboard: bool = True
+    simulate: bool = False
+    source_file: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    topology_snapshot: dict[str, Any] = field(default_factory=dict)
+    created_at: str = ""
+    nodes: list[NodeRecord] = field(default_factory=list)
+    version: int = STATE_VERSION
+
+    @property
+    def state_dir(self) -> Path:
+        return clusters_dir(self.home) / self.name
+
+    @property
+    def dashboard_url(self) -> str | None:
+        """``http://127.0.0.1:PORT`` when the dashboard (and so ``ray job submit``) is on."""
+        if not self.dashboard:
+            return None
+        return f"http://127.0.0.1:{self.ports['dashboard']}"
+
+    @property
+    def head(self) -> NodeRecord:
+        return next(n for n in self.nodes if n.role == "head")
+
+    def topology(self) -> Topology:
+        """The topology this cluster runs, reloaded from its file and overrides.
+
+        Falls back to the snapshot taken at ``up`` when the cluster was started from a
+        ``Topology`` object or the file has gone since.
+        """
+        if self.source_file and Path(self.source_file).exists():
+            from hybridray.topology import load_topology
+
+            return load_topology(self.source_file, self.overrides)
+        return Topology.model_validate(self.topology_snapshot)
+
+    def alive_nodes(self) -> list[NodeRecord]:
+        return [n for n in self.nodes if n.alive()]
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ClusterState:
+        data = dict(data)
+        nodes = [NodeRecord(**n) for n in data.pop("nodes", [])]
+        return cls(**data, nodes=nodes)
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+# ---- persistence --------------------------------------------------------------------------
+
+def state_file(name: str, home: str | os.PathLike | None = None) -> Path:
+    return cluster_dir(name, home) / "state.json"
+
+
+def save_state(state: ClusterState) -> None:
+    """Write ``state.json`` atomically: a reader sees the old file or the new, never half."""
+    path = state.state_dir / "state.json"
+    tmp = path.with_name(f".state.json.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(state.to_json(), f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_state(name: str, *, home: str | os.PathLike | None = None) -> ClusterState:
+    """The recorded state of cluster ``name``.
+
+    Raises:
+        ClusterNotFound: nothing is recorded under that name (the message lists what is).
+        ClusterError: ``state.json`` exists but cannot be read.
+    """
+    path = state_file(name, home)
+    if not path.exists():
+        known = ", ".join(list_clusters(home)) or "none"
+        if path.parent.is_dir():
+            raise ClusterNotFound(f"cluster {name!r} is down; start it with "
+                                  f"hybridray up FILE (recorded clusters: {known})")
+        raise ClusterNotFound(f"no cluster named {name!r} under {clusters_dir(home)} "
+                              f"(recorded clusters: {known}); start one with hybridray up FILE")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("version") != STATE_VERSION:
+            raise ValueError(f"state version {data.get('version')!r}, expected {STATE_VERSION}")
+        return ClusterState.from_json(data)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise ClusterError(f"{path}: unreadable cluster state ({e}); stop any processes it "
+                           f"started by hand, then remove {path.parent}") from None
+
+
+def list_clusters(home: str | os.PathLike | None = None) -> list[str]:
+    """Names of the clusters recorded under ``home`` (up, or crashed without ``down``)."""
+    root = clusters_dir(home)
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir()
+                  if _NAME_RE.match(p.name) and (p / "state.json").is_file())
+
+
+@contextlib.contextmanager
+def cluster_lock(name: str, home: str | os.PathLike | None = None) -> Iterator[None]:
+    """Serialise ``up``/``down`` of one cluster name across processes."""
+    root = clusters_dir(home)
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(root / f".{name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ClusterError(f"another hybridray up/down of {name!r} is running; wait for it "
+                               "to finish") from None
+        yield
+    finally:
+        os.close(fd)

@@ -1,0 +1,224 @@
+"""``hybridray up | down | status | env``: a real multi-site Ray cluster on this machine.
+
+    hybridray up clusters/local.yaml                      # head + one node per pool, by site
+    hybridray up clusters/onprem-aws.yaml --simulate      # any topology, as small local nodes
+    hybridray status local                                # sites, nodes, CPUs, price per hour
+    eval "$(hybridray env local)"; ray job submit -- python jobs/x.py
+    hybridray down local
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import time
+from pathlib import Path
+from typing import Any
+
+from hybridray import cluster
+from hybridray.cluster.plan import plan_nodes
+from hybridray.cluster.state import cluster_dir
+from hybridray.commands.validate import split_overrides
+from hybridray.exceptions import ClusterNotFound, ConfigError
+from hybridray.topology import load_topology
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "up", help="start a cluster file's sites as a real Ray cluster on this machine",
+        description="Start one `ray start` process per node (head, then min_nodes of every "
+                    "pool), each labelled with its site. Arguments containing '=' are "
+                    "key.path=value overrides, e.g. name=local2.")
+    p.add_argument("items", nargs="+", metavar="FILE|key=value")
+    p.add_argument("--simulate", action="store_true",
+                   help="run every site (also cloud and on-prem ones) as local processes: "
+                        "one node per pool, at most 2 CPUs and a 100 MB object store each")
+    p.add_argument("--no-dashboard", dest="dashboard", action="store_false",
+                   help="do not start the Ray dashboard (ray job submit needs it)")
+    p.add_argument("--port", type=int, help="GCS port (default: a free one)")
+    p.add_argument("--dashboard-port", type=int, help="dashboard port (default: a free one)")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds to wait for every node to register (default: 60)")
+    p.set_defaults(func=run_up)
+
+    p = sub.add_parser("down", help="stop a cluster started by hybridray up",
+                       description="Stop every node of a cluster, workers first, then the head.")
+    p.add_argument("items", nargs="+", metavar="NAME|FILE [key=value]",
+                   help="a cluster name, or the cluster file (and overrides) it was started from")
+    p.set_defaults(func=run_down)
+
+    p = sub.add_parser("status", help="show clusters, or one cluster's sites, nodes and cost")
+    p.add_argument("name", nargs="?", help="a cluster name (default: list every cluster)")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p.set_defaults(func=run_status)
+
+    p = sub.add_parser("env", help="print the shell exports that point Ray at a cluster",
+                       description='Use as: eval "$(hybridray env NAME)"')
+    p.add_argument("name", metavar="NAME|FILE")
+    p.set_defaults(func=run_env)
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    if not console.is_terminal:  # piped or captured: do not squeeze tables into 80 columns
+        console.width = max(console.width, 140)
+    return console
+
+
+def run_up(args: argparse.Namespace) -> int:
+    files, overrides = split_overrides(args.items)
+    if len(files) != 1:
+        raise ConfigError("give exactly one cluster file, e.g. hybridray up clusters/local.yaml")
+    topology = load_topology(files[0], overrides)
+    nodes = plan_nodes(topology, simulate=args.simulate)  # refuses non-local sites up front
+    print(f"starting cluster {topology.name!r}: {len(nodes)} nodes at {len(topology.sites)} "
+          f"sites{' (simulated)' if args.simulate else ''}", flush=True)
+    started = time.monotonic()
+    state = cluster.up(topology, source_file=files[0], overrides=overrides,
+                       simulate=args.simulate, dashboard=args.dashboard, port=args.port,
+                       dashboard_port=args.dashboard_port, timeout=args.timeout,
+                       progress=lambda line: print(line, flush=True))
+    print(f"cluster {state.name!r} is up in {time.monotonic() - started:.1f}s "
+          f"(GCS {state.address}; state in {state.state_dir})")
+    print(f"connect a shell:  eval \"$(hybridray env {state.name})\"")
+    _print_env(state)
+    return 0
+
+
+def _name_of(items: list[str]) -> str:
+    files, overrides = split_overrides(items)
+    if len(files) != 1:
+        raise ConfigError("give one cluster name or file, e.g. hybridray down local")
+    target = files[0]
+    if overrides or Path(target).is_file() or target.endswith((".yaml", ".yml")):
+        return load_topology(target, overrides).name
+    return target
+
+
+def run_down(args: argparse.Namespace) -> int:
+    name = _name_of(args.items)
+    try:
+        state = cluster.load_state(name)
+    except ClusterNotFound:
+        state = None
+    started = time.monotonic()
+    stopped = cluster.down(name)  # raises ClusterNotFound for a name never recorded
+    if stopped:
+        print(f"stopped cluster {name!r}: {len(stopped)} node process(es) "
+              f"(pids {', '.join(map(str, stopped))}) in {time.monotonic() - started:.1f}s")
+    else:
+        print(f"cluster {name!r} was already down; nothing to stop")
+    if state is not None:
+        print(f"node logs kept in {state.state_dir / 'logs'}")
+    return 0
+
+
+def run_status(args: argparse.Namespace) -> int:
+    if args.name is None:
+        rows = cluster.cluster_summaries()
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            _print_clusters(rows)
+        return 0
+    try:
+        report = cluster.status(args.name)
+    except ClusterNotFound:
+        if not cluster_dir(args.name).is_dir():
+            raise
+        report = {"name": args.name, "state": "down"}  # down ran; only its logs remain
+        if args.json:
+            print(json.dumps(report, indent=2))
+        else:
+            print(f"cluster {args.name!r} is down (logs in {cluster_dir(args.name) / 'logs'})")
+        return 0
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_status(report)
+    return 0
+
+
+def run_env(args: argparse.Namespace) -> int:
+    state = cluster.load_state(_name_of([args.name]))
+    _print_env(state)
+    return 0
+
+
+def _print_env(state: cluster.ClusterState) -> None:
+    for key, value in cluster.ray_env(state).items():
+        print(f"export {key}={shlex.quote(value)}")
+    if state.dashboard_url:
+        print(f"# submit a job:  ray job submit --address {state.dashboard_url} "
+              "--working-dir . -- python jobs/SCRIPT.py")
+    else:
+        print(f"# no dashboard (started with --no-dashboard), so no ray job submit; drivers "
+              f"connect with ray.init(address={state.address!r})")
+
+
+def _print_clusters(rows: list[dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    console = _console()
+    if not rows:
+        console.print("no clusters recorded; start one with: hybridray up clusters/local.yaml")
+        return
+    table = Table(title="hybridray clusters")
+    for col in ("name", "state", "nodes alive", "sites", "$/hour", "GCS", "dashboard",
+                "started"):
+        table.add_column(col, justify="right" if col in ("nodes alive", "$/hour") else "left")
+    for r in rows:
+        if r["state"] == "unreadable":
+            table.add_row(r["name"], "[red]unreadable[/]", "", "", "", r["error"], "", "")
+            continue
+        table.add_row(r["name"], _state(r["state"]) + (" (sim)" if r["simulate"] else ""),
+                      f"{r['nodes_alive']}/{r['nodes']}", ", ".join(r["sites"]),
+                      f"{r['price_per_hour']:.2f}", r["address"], r["dashboard_url"] or "-",
+                      r["created_at"])
+    console.print(table)
+
+
+def _state(state: str) -> str:
+    color = {"up": "green", "degraded": "yellow"}.get(state, "red")
+    return f"[{color}]{state}[/]"
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}"
+
+
+def _print_status(report: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    console = _console()
+    sim = " (simulated)" if report["simulate"] else ""
+    console.print(f"cluster [bold]{report['name']}[/] is {_state(report['state'])}{sim}: "
+                  f"GCS {report['address']}, dashboard {report['dashboard_url'] or 'off'}")
+    if not report["gcs"]["reachable"]:
+        console.print(f"[yellow]GCS not reachable ({report['gcs']['error']}); "
+                      "liveness below is from the processes only[/]")
+    sites = Table(title="sites")
+    for col in ("site", "kind", "nodes alive", "CPU used/total", "GPU used/total", "$/hour"):
+        sites.add_column(col, justify="left" if col in ("site", "kind") else "right")
+    for name, s in report["sites"].items():
+        sites.add_row(name, s["kind"] or "?", f"{s['alive']}/{s['nodes']}",
+                      f"{_num(s['cpus_used'])}/{_num(s['cpus_total'])}",
+                      f"{_num(s['gpus_used'])}/{_num(s['gpus_total'])}",
+                      f"{s['price_per_hour']:.2f}")
+    sites.add_row("[bold]total[/]", "", "", "", "", f"[bold]{report['price_per_hour']:.2f}[/]")
+    console.print(sites)
+    nodes = Table(title="nodes")
+    for col in ("node", "site", "pool", "pid", "process", "GCS", "CPU used/total", "node id"):
+        nodes.add_column(col)
+    for n in report["nodes"]:
+        gcs = {None: "?", True: "[green]alive[/]", False: "[red]dead[/]"}[n["gcs_alive"]]
+        nodes.add_row(n["key"], n["site"], n["pool"] or "(head)", str(n["pid"]),
+                      "[green]alive[/]" if n["process_alive"] else "[red]dead[/]", gcs,
+                      f"{_num(n['cpus_used'])}/{_num(n['cpus_total'])}",
+                      (n["node_id"] or "-")[:12])
+    console.print(nodes)
+    if report["unrecorded_nodes"]:
+        console.print(f"{report['unrecorded_nodes']} node(s) joined the GCS without hybridray")

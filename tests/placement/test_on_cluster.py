@@ -182,10 +182,10 @@ def test_job_entrypoint_runs_on_the_selected_site(hr_cluster, local_cluster, tmp
 
     placement = decide(hr_cluster.topology, Workload(kind="job", cpus=0, site="cloud-b",
                                                      burst=False))
-    script = tmp_path / "where.py"
-    script.write_text("import ray; ray.init(); "
-                      "print('SITE=' + ray.get_runtime_context().get_node_labels()"
-                      f"[{L.SITE!r}])\n")
+    import ray
+
+    script = tmp_path / "noop.py"
+    script.write_text("print('entrypoint ran')\n")
     env = ray_env(local_cluster)
     client = JobSubmissionClient(env["RAY_API_SERVER_ADDRESS"])
     job = client.submit_job(entrypoint=f"python {script.name}",
@@ -195,6 +195,9 @@ def test_job_entrypoint_runs_on_the_selected_site(hr_cluster, local_cluster, tmp
     while time.time() < deadline and client.get_job_status(job) not in (
             JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
         time.sleep(1)
-    logs = client.get_job_logs(job)
-    assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs
-    assert "SITE=cloud-b" in logs
+    assert client.get_job_status(job) == JobStatus.SUCCEEDED, client.get_job_logs(job)
+    # On one machine every node shares an IP, so a driver's own "current node" is ambiguous;
+    # the job record says which node ran the entrypoint (its supervisor and process).
+    node_id = client.get_job_info(job).driver_node_id
+    sites = {n["NodeID"]: n["Labels"][L.SITE] for n in ray.nodes()}
+    assert sites[node_id] == "cloud-b"

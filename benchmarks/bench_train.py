@@ -90,6 +90,8 @@ def run_plain(cluster, args) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    # What torchrun does (and Ray does for a 1-CPU worker): one OpenMP thread per process.
+    os.environ["OMP_NUM_THREADS"] = "1"
     with mp.get_context("spawn").Manager() as manager:
         out = manager.list()
         mp.start_processes(_plain_worker, args=(port, spec, out), nprocs=2,

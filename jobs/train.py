@@ -1,4 +1,4 @@
-# ray job submit --working-dir . -- python jobs/train.py configs/train/tiny.yaml --cluster local train.steps=100
+# ray job submit --working-dir . -- python jobs/train.py configs/train/tiny.yaml --cluster local
 """Train a byte-level GPT as a Ray job (or as a plain script), placed by hybridray policy.
 
     eval "$(hybridray env local)"                       # RAY_API_SERVER_ADDRESS, token, ...

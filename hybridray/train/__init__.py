@@ -22,6 +22,8 @@ _LAZY = {
     "load_model": "hybridray.train.model",
     "prepare_corpus": "hybridray.train.corpus",
     "CorpusManifest": "hybridray.train.corpus",
+    "RunPlan": "hybridray.train.plan",
+    "plan_run": "hybridray.train.plan",
     "TrainResult": "hybridray.train.trainer",
     "train": "hybridray.train.trainer",
     "build_trainer": "hybridray.train.trainer",

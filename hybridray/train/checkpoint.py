@@ -90,7 +90,8 @@ class CheckpointReader:
             raise TrainError(f"{self.path}: not a directory; a checkpoint is a directory "
                              f"holding {', '.join(ALL_FILES)}")
         infos = self.fs.get_file_info([self.where(n) for n in ALL_FILES])
-        missing = [n for n, i in zip(ALL_FILES, infos) if i.type == pafs.FileType.NotFound]
+        missing = [n for n, i in zip(ALL_FILES, infos, strict=True)
+                   if i.type == pafs.FileType.NotFound]
         if missing:
             raise TrainError(f"{self.path}: not a complete hybridray checkpoint; missing "
                              f"{', '.join(missing)}")

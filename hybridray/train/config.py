@@ -1,4 +1,4 @@
-"""What a training run is, validated once at the edge: YAML (plus ``key=value``) in, ``TrainConfig`` out.
+"""What a training run is, validated once at the edge: YAML and ``key=value`` in, a config out.
 
 Train configs are loaded like cluster files: the same safe YAML reader (no duplicate keys,
 alias bombs or multiple documents), ``key.sub=value`` overrides applied *before* validation,
@@ -14,8 +14,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, \
-    model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hybridray.exceptions import ConfigError
 from hybridray.placement.workload import Preference

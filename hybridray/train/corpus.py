@@ -327,7 +327,7 @@ def _hash_shards(site_name: str, directory: str, data_class: str,
         table = pq.read_table(io.BytesIO(raw), columns=["split", "n_tokens", "site"])
         per_split = {"train": 0, "val": 0}
         for split, n in zip(table.column("split").to_pylist(),
-                            table.column("n_tokens").to_pylist()):
+                            table.column("n_tokens").to_pylist(), strict=True):
             per_split[split] += n
         written_at = set(table.column("site").to_pylist())
         out.append({"path": f.path.rsplit("/", 1)[-1], "bytes": len(raw),
@@ -365,7 +365,7 @@ def load_tokens(manifest: dict[str, Any], address: str, topology: Topology,
                              "changed shard); rebuild with data.prepare=always")
         table = pq.read_table(io.BytesIO(raw), columns=["split", "tokens"])
         for split, blob in zip(table.column("split").to_pylist(),
-                               table.column("tokens").to_pylist()):
+                               table.column("tokens").to_pylist(), strict=True):
             if split in parts:
                 parts[split].append(np.frombuffer(blob, dtype=TOKEN_DTYPE))
     tokens = {s: np.concatenate(v) if v else np.empty(0, TOKEN_DTYPE) for s, v in parts.items()}

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from hybridray.exceptions import TrainError
 from hybridray.train import checkpoint as ckpt
 from hybridray.train.config import TrainConfig
-from hybridray.train.model import GPT, GPTConfig, TOKENIZER
+from hybridray.train.model import GPT, TOKENIZER, GPTConfig
 from hybridray.train.wan import make_strategy
 
 CPU_PEAK_FLOPS_PER_CPU = 1e11      # MFU default on CPU: 100 GFLOP/s per logical CPU
@@ -80,10 +80,17 @@ class RaySession(Session):
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, step: int) -> None:
         import ray.train
 
+        saving = metrics.get("checkpoint", False)
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir \
             else None
         ray.train.report(metrics, checkpoint=checkpoint,
                          checkpoint_dir_name=f"checkpoint-{step:08d}" if checkpoint else None)
+        if saving:
+            # Ray Train registers a reported checkpoint asynchronously; wait until it is
+            # committed, so a failure from here on resumes from it (at most one checkpoint
+            # interval of steps is ever redone).
+            ray.train.get_all_reported_checkpoints(
+                consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
 
 
 def train_loop_per_worker(spec: dict[str, Any]) -> None:
@@ -178,7 +185,7 @@ def run_loop(spec: dict[str, Any], session: Session) -> dict[str, Any]:
     from hybridray.train.corpus import load_tokens
 
     config = TrainConfig.model_validate(spec["config"])
-    t, data = config.train, config.data
+    t = config.train
     rank, world, device = session.rank, session.world, session.device
     # Residency first: nothing below may touch data on a node that may not hold it.
     site = session.site(spec["data_class"])
@@ -258,7 +265,7 @@ def run_loop(spec: dict[str, Any], session: Session) -> dict[str, Any]:
 
     metrics: dict[str, Any] = {}
     loop_start = window_start = time.perf_counter()
-    window_steps = 0
+    window_steps, paused = 0, 0.0      # paused: evaluation time inside the window
     loss_sum, loss_count = torch.zeros((), device=device), 0
     comm_mark = wan.meter.snapshot()
     for step in range(start_step, t.steps):
@@ -291,12 +298,14 @@ def run_loop(spec: dict[str, Any], session: Session) -> dict[str, Any]:
         log = done % t.log_interval == 0 or done == t.steps
         save = done % t.checkpoint_interval == 0 or done == t.steps
         if done % t.eval_interval == 0 or done == t.steps:
+            began = time.perf_counter()
             history.append([done, evaluate()])
+            paused += time.perf_counter() - began
         if not (log or save):
             continue
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        elapsed = time.perf_counter() - window_start
+        elapsed = time.perf_counter() - window_start - paused
         comm_now = wan.meter.snapshot()
         tps = window_steps * tokens_per_step / elapsed if elapsed > 0 else 0.0
         metrics = {
@@ -309,8 +318,9 @@ def run_loop(spec: dict[str, Any], session: Session) -> dict[str, Any]:
             "loop_tokens_per_s": (done - start_step) * tokens_per_step
             / (time.perf_counter() - loop_start),
             **wan.report(comm_now[0] - comm_mark[0], comm_now[1] - comm_mark[1], window_steps),
+            "checkpoint": save,
         }
-        window_steps, comm_mark = 0, comm_now
+        window_steps, paused, comm_mark = 0, 0.0, comm_now
         loss_sum, loss_count = torch.zeros((), device=device), 0
         if rank == 0 and board is not None:
             board.log.remote({k: v for k, v in metrics.items() if k != "eval_history"})

@@ -14,35 +14,20 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import threading
 import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from hybridray import labels as L
-from hybridray.exceptions import ClusterError, HybridRayError, PlacementRefused, TrainError
-from hybridray.storage.fs import parse_address, site_filesystem
-from hybridray.topology.models import DataClass, Topology
+from hybridray.exceptions import ClusterError, HybridRayError, TrainError
+from hybridray.storage.fs import site_filesystem
 from hybridray.train.config import TrainConfig, config_from_dict, load_train_config
+from hybridray.train.plan import RunPlan, plan_run
+from hybridray.train.progress import Board, Display, head_node_strategy
 
-
-@dataclass
-class RunPlan:
-    """Everything decided on the driver before a worker starts (plain data, auditable)."""
-
-    run_name: str
-    data_class: DataClass
-    placement: Any                       # hybridray.placement.Placement
-    model_config: dict[str, Any]
-    storage_site: str
-    storage_path: str                    # inside storage_fs
-    storage_uri: str
-    storage_fs: Any = field(repr=False)
-    init_from: dict[str, Any] | None = None
-    resume_step: int | None = None
+__all__ = ["RunPlan", "TrainResult", "as_config", "build_trainer", "plan_run", "train"]
 
 
 @dataclass
@@ -90,8 +75,6 @@ class TrainResult:
         return out
 
 
-# ---- config and planning ------------------------------------------------------------------
-
 def as_config(config: TrainConfig | str | os.PathLike | dict, overrides=()) -> TrainConfig:
     """A ``TrainConfig`` from a config, a YAML path or a dict, with ``key=value`` overrides."""
     if isinstance(config, TrainConfig):
@@ -101,151 +84,6 @@ def as_config(config: TrainConfig | str | os.PathLike | dict, overrides=()) -> T
     if isinstance(config, dict):
         return config_from_dict(config, overrides=overrides)
     return load_train_config(config, overrides)
-
-
-def plan_run(config: TrainConfig, cluster: Any) -> RunPlan:
-    """Decide placement, classes and storage; raise before anything starts if refused.
-
-    Raises:
-        PlacementRefused: no site may (or can) run the workers, or the checkpoint site may
-            not hold the data's class.
-        TrainError: the storage root cannot be written, or a checkpoint to start from or
-            resume is missing, corrupt or of another shape.
-    """
-    from hybridray.placement.workload import Workload, WorkloadKind
-    from hybridray.train import checkpoint as ckpt
-    from hybridray.train.model import GPTConfig
-
-    topology: Topology = cluster.topology
-    t = config.train
-    data_addr = parse_address(config.data.output, topology)
-    classes = {DataClass(config.data.data_class)}
-    model_config = GPTConfig.named(config.model.size, **config.model.overrides())
-    init = None
-    if config.model.init_from:
-        init = _resolve_checkpoint(config.model.init_from, topology)
-        meta, init_config, state = ckpt.inspect_checkpoint(init["uri"])
-        classes.add(DataClass(meta["data_class"]))
-        model_config = init_config.model_copy(update={"dropout": config.model.dropout})
-        init.update(data_class=meta["data_class"], step=state["step"])
-    data_class = max(classes)
-
-    def workload(count: int) -> Workload:
-        return Workload(name=config.name, kind=WorkloadKind.train, count=count,
-                        cpus=t.cpus_per_worker, gpus=t.gpus_per_worker,
-                        accelerator=t.accelerator, data_classes=tuple(sorted(classes)),
-                        data_site=data_addr.site, preference=t.preference, site=t.site,
-                        burst=t.burst, spot_ok=t.spot_ok, expected_hours=1.0)
-
-    placement = cluster.place(workload(t.max_workers))
-    if not placement.ok and t.min_workers < t.max_workers and placement.refusal.rule == \
-            "capacity":
-        placement = cluster.place(workload(t.min_workers))
-    placement.raise_if_refused()
-
-    storage_site = config.checkpoint.site or data_addr.site
-    if storage_site not in topology.sites:
-        raise TrainError(f"checkpoint.site {storage_site!r}: no such site in cluster "
-                         f"{topology.name!r} (sites: {', '.join(topology.sites)})")
-    site = topology.sites[storage_site]
-    if not site.may_hold(data_class):
-        raise PlacementRefused(
-            f"{config.name}: checkpoints inherit the data's class {data_class.value}, and "
-            f"site {storage_site!r} may hold up to {site.max_data_class.value}",
-            rule="residency", fix="set checkpoint.site to a site allowed for "
-            f"{data_class.value}: {', '.join(topology.sites_by_class[data_class])}")
-    fs, base = site_filesystem(site)
-    storage_path = f"{base}/{config.checkpoint.path.strip('/')}" if base else \
-        config.checkpoint.path.strip("/")
-    storage_uri = f"{site.storage.root.rstrip('/')}/{config.checkpoint.path.strip('/')}"
-    _check_writable(fs, storage_path, storage_uri, storage_site)
-
-    run_name = config.name if t.resume == "auto" else \
-        f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    resume_step = _vet_resume(fs, f"{storage_path}/{run_name}", model_config, data_class)
-    return RunPlan(run_name=run_name, data_class=data_class, placement=placement,
-                   model_config=model_config.model_dump(), storage_site=storage_site,
-                   storage_path=storage_path, storage_uri=storage_uri, storage_fs=fs,
-                   init_from=init, resume_step=resume_step)
-
-
-def _resolve_checkpoint(location: str, topology: Topology) -> dict[str, Any]:
-    """``{"uri", "site"}`` for SITE:PATH, a URI or a local directory."""
-    if "://" not in location and ":" in location and not location.startswith("/"):
-        addr = parse_address(location, topology)
-        return {"uri": addr.uri(topology), "site": addr.site, "address": str(addr)}
-    path = location if "://" in location else "file://" + str(Path(location).absolute())
-    return {"uri": path, "site": None, "address": location}
-
-
-def _check_writable(fs: Any, path: str, uri: str, site: str) -> None:
-    probe = f"{path}/.hybridray-write-probe-{uuid.uuid4().hex[:8]}"
-    try:
-        fs.create_dir(path, recursive=True)
-        with fs.open_output_stream(probe) as f:
-            f.write(b"ok")
-        fs.delete_file(probe)
-    except Exception as e:  # pyarrow raises OSError, PermissionError, or ArrowException
-        raise TrainError(f"checkpoint storage {uri} (site {site}) cannot be written: "
-                         f"{str(e).splitlines()[0]}; fix sites.{site}.storage.root or "
-                         "checkpoint.path") from None
-
-
-def _vet_resume(fs: Any, run_dir: str, model_config: Any, data_class: DataClass
-                ) -> int | None:
-    """The step a resumed run continues from (None: fresh), after checking its checkpoint
-    fits this run: same model shape, a class no higher than this run's."""
-    import pyarrow.fs as pafs
-
-    from hybridray.train import checkpoint as ckpt
-
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True))
-    except OSError:
-        return None
-    dirs = sorted((i.path for i in infos if i.type == pafs.FileType.Directory
-                   and i.base_name.startswith("checkpoint-")), reverse=True)
-    for path in dirs:
-        reader = ckpt.CheckpointReader(path, fs)
-        try:
-            reader.check_complete()
-        except TrainError:
-            continue      # a checkpoint whose upload was cut short; Ray never registered it
-        meta, have, state = ckpt.inspect_checkpoint(reader)
-        ckpt.check_same_shape(have, model_config, reader)
-        if DataClass(meta["data_class"]) > data_class:
-            raise TrainError(f"{reader.where(ckpt.META_FILE)}: the run's checkpoints are "
-                             f"{meta['data_class']}, above this run's {data_class.value}; "
-                             "start a new run (train.resume=never, or another name)")
-        return state["step"]
-    return None
-
-
-# ---- running ------------------------------------------------------------------------------
-
-class _Board:
-    """Actor rank 0 reports progress to; the driver polls it (also across restarts)."""
-
-    def __init__(self):
-        self.attempts: list[dict[str, Any]] = []
-        self.logs: list[dict[str, Any]] = []
-        self.step = 0
-
-    def start(self, step: int, resumed: bool, sites: list[str]) -> None:
-        self.attempts.append({"start_step": step, "max_step": step, "resumed": resumed,
-                              "sites": sites, "started_at": time.time()})
-        self.step = step
-
-    def step_done(self, step: int) -> None:
-        self.step = step
-        if self.attempts:
-            self.attempts[-1]["max_step"] = max(self.attempts[-1]["max_step"], step)
-
-    def log(self, metrics: dict[str, Any]) -> None:
-        self.logs.append(metrics)
-
-    def poll(self, since: int) -> dict[str, Any]:
-        return {"attempts": self.attempts, "logs": self.logs[since:], "step": self.step}
 
 
 def build_trainer(config: TrainConfig, plan: RunPlan, corpus: Any, cluster: Any,
@@ -354,10 +192,11 @@ def train(config: TrainConfig | str | os.PathLike | dict, cluster: Any = None, *
                          resume_step=plan.resume_step, wan=config.wan.mode)
     corpus = prepare_corpus(config.data, cluster.topology, cluster=cluster, name=config.name,
                             progress=show)
-    board = ray.remote(num_cpus=0)(_Board).options(
-        scheduling_strategy=_head_node(), name=f"hybridray-train-{uuid.uuid4().hex[:8]}").remote()
+    board = ray.remote(num_cpus=0)(Board).options(
+        scheduling_strategy=head_node_strategy(),
+        name=f"hybridray-train-{uuid.uuid4().hex[:8]}").remote()
     trainer = build_trainer(config, plan, corpus, cluster, board)
-    display = _Display(board, config, plan) if show else None
+    display = Display(board, config, plan) if show else None
     try:
         if display:
             display.start()
@@ -379,22 +218,12 @@ def train(config: TrainConfig | str | os.PathLike | dict, cluster: Any = None, *
     return out
 
 
-def _head_node():
-    """Keep the progress board on the head (it outlives any worker node), else here."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    head = next((n["NodeID"] for n in ray.nodes() if n.get("Alive")
-                 and (n.get("Labels") or {}).get(L.ROLE) == "head"),
-                ray.get_runtime_context().get_node_id())
-    return NodeAffinitySchedulingStrategy(head, soft=True)
-
-
 def _explain(error: Exception, plan: RunPlan) -> Exception:
     """A ``HybridRayError`` for a failed ``fit()``, naming the worker's own error."""
     failures = getattr(error, "worker_failures", None) or {}
     for rank, failure in sorted(failures.items()):
-        cause = getattr(failure, "cause", None) or failure
+        cause = getattr(failure, "_base_exc", None) or getattr(failure, "cause", None) \
+            or failure       # Ray Train wraps the worker's exception with its traceback
         if isinstance(cause, HybridRayError):
             return cause
         text = str(failure).strip().splitlines()
@@ -425,7 +254,7 @@ def _result(config: TrainConfig, plan: RunPlan, corpus: Any, cluster: Any, resul
     mfu = sum(x["mfu"] for x in steady) / len(steady) if steady else None
     attempts = state["attempts"]
     redone = sum(max(0, prev["max_step"] - cur["start_step"])
-                 for prev, cur in zip(attempts, attempts[1:]))
+                 for prev, cur in zip(attempts, attempts[1:], strict=False))
     wan_keys = ("wan_mode", "comm_bytes_per_step", "comm_bytes_per_step_all_ranks",
                 "baseline_comm_bytes_per_step", "cross_site_bytes_per_step",
                 "baseline_cross_site_bytes_per_step", "comm_reduction")
@@ -452,7 +281,7 @@ def _audit(cluster: Any, out: TrainResult, plan: RunPlan) -> None:
                          worker_sites=out.worker_sites, restarts=out.restarts,
                          steps_redone=out.steps_redone, final_eval_loss=out.final_eval_loss)
     data_site = out.corpus.split(":", 1)[0]
-    for site, nbytes in zip(out.worker_sites, out.metrics.get("bytes_read", [])):
+    for site, nbytes in zip(out.worker_sites, out.metrics.get("bytes_read", []), strict=False):
         if site != data_site and nbytes:
             cluster.audit.transfer(data_site, site, nbytes, topo.egress_cost(
                 data_site, site, nbytes), run=out.name, what="corpus shards")
@@ -465,77 +294,3 @@ def _audit(cluster: Any, out: TrainResult, plan: RunPlan) -> None:
             cluster.audit.transfer(src, dst, nbytes, topo.egress_cost(src, dst, nbytes),
                                    run=out.name, what=f"gradients ({out.wan.get('wan_mode')}, "
                                                        "ring estimate)")
-
-
-class _Display:
-    """Live console view: a step bar plus one line per log interval, fed by the board."""
-
-    def __init__(self, board: Any, config: TrainConfig, plan: RunPlan):
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
-            TimeElapsedColumn, TimeRemainingColumn
-
-        self.board, self.config, self.plan = board, config, plan
-        self.console = Console(stderr=True)
-        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                                 MofNCompleteColumn(), TimeElapsedColumn(),
-                                 TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                                 console=self.console, transient=False)
-        self.task = self.progress.add_task(plan.run_name, total=config.train.steps, info="")
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="train-display")
-        self._seen_logs = 0
-        self._seen_attempts = 0
-
-    def start(self) -> None:
-        sites = Counter(self.plan.placement.assign(self.config.train.max_workers))
-        self.console.print(f"[bold]{self.plan.run_name}[/]: {self.config.model.size} GPT, "
-                           f"{self.plan.data_class.value} data, workers "
-                           + ", ".join(f"{s}×{n}" for s, n in sites.items())
-                           + f", wan {self.config.wan.mode}, checkpoints "
-                             f"{self.plan.storage_uri}/{self.plan.run_name}")
-        self.progress.start()
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self._poll()
-        self.progress.stop()
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.5):
-            try:
-                self._poll()
-            except Exception:  # the display must never take the run down
-                pass
-
-    def _poll(self) -> None:
-        import ray
-
-        state = ray.get(self.board.poll.remote(self._seen_logs), timeout=10)
-        for attempt in state["attempts"][self._seen_attempts:]:
-            if attempt["resumed"]:
-                self.console.print(f"[yellow]restarted[/] from the checkpoint at step "
-                                   f"{attempt['start_step']} on "
-                                   + ", ".join(f"{s}×{n}" for s, n in
-                                               Counter(attempt["sites"]).items()))
-        self._seen_attempts = len(state["attempts"])
-        for m in state["logs"]:
-            self.console.print(_log_line(m))
-        self._seen_logs += len(state["logs"])
-        info = ""
-        if state["logs"]:
-            m = state["logs"][-1]
-            info = f"loss {m['loss']:.3f}  {m['tokens_per_s']:,.0f} tok/s"
-        self.progress.update(self.task, completed=state["step"], info=info)
-
-
-def _log_line(m: dict[str, Any]) -> str:
-    sites = ", ".join(f"{s}×{n}" for s, n in m.get("workers_per_site", {}).items())
-    comm = m.get("comm_bytes_per_step") or 0
-    return (f"step {m['step']:>6}/{m['steps']}  loss {m['loss']:.4f}  eval "
-            f"{m['eval_loss']:.4f}@{m.get('eval_step', '?')}  {m['tokens_per_s']:>8,.0f} tok/s  MFU "
-            f"{100 * m['mfu']:5.2f}%  lr {m['lr']:.2e}  {sites}  wan {m.get('wan_mode')} "
-            f"{comm / 1e6:.2f} MB/step ({(m.get('cross_site_bytes_per_step') or 0) / 1e6:.2f} "
-            "MB across sites)")

@@ -191,7 +191,7 @@ class WanStrategy:
             return
         assert self._outer is not None
         flat = torch.cat([(a - p.detach().float()).reshape(-1).to(dtype)
-                          for a, p in zip(self._anchor, self._params)])
+                          for a, p in zip(self._anchor, self._params, strict=True)])
         self._all_reduce_mean(flat)
         offset = 0
         for a in self._anchor:
@@ -200,7 +200,7 @@ class WanStrategy:
             offset += n
         self._outer.step()
         self._outer.zero_grad(set_to_none=True)
-        for a, p in zip(self._anchor, self._params):
+        for a, p in zip(self._anchor, self._params, strict=True):
             p.copy_(a.to(p.dtype))
 
     def _all_reduce_mean(self, flat: torch.Tensor) -> None:
@@ -246,7 +246,8 @@ class WanStrategy:
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         if self._outer is None:
             return
-        for a, p in zip(self._anchor, self._params):   # the checkpoint holds averaged weights
+        # the checkpoint holds averaged weights: they are the anchor of the next round
+        for a, p in zip(self._anchor, self._params, strict=True):
             a.copy_(p.detach().float())
         if state and state.get("outer"):
             self._outer.load_state_dict(state["outer"])

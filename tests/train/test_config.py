@@ -95,3 +95,16 @@ def test_cli_reports_bad_config_without_a_traceback(tmp_path):
     assert proc.returncode == 2
     assert "model.size: unknown model size 'huge'" in proc.stderr
     assert "train.precision" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_job_script_runs_as_a_plain_script_from_anywhere(tmp_path):
+    script = ROOT / "jobs" / "train.py"
+    assert script.read_text().startswith("# ray job submit --working-dir . -- python "
+                                         "jobs/train.py ")
+    ok = subprocess.run([sys.executable, str(script), "--help"], capture_output=True,
+                        text=True, cwd=tmp_path, timeout=60)
+    assert ok.returncode == 0 and "key=value" in ok.stdout
+    bad = subprocess.run([sys.executable, str(script), str(ROOT / "configs/train/tiny.yaml"),
+                          "model.size=huge"], capture_output=True, text=True, cwd=tmp_path,
+                         timeout=60)
+    assert bad.returncode == 2 and "unknown model size 'huge'" in bad.stderr

@@ -9,8 +9,16 @@ import torch
 
 from hybridray.exceptions import TrainError
 from hybridray.train import checkpoint as ckpt
-from hybridray.train.model import EOT, GPT, SIZES, GPTConfig, KVCache, generate, iter_generate, \
-    load_model
+from hybridray.train.model import (
+    EOT,
+    GPT,
+    SIZES,
+    GPTConfig,
+    KVCache,
+    generate,
+    iter_generate,
+    load_model,
+)
 
 META = {"data_class": "restricted", "site": "onprem", "tokenizer": "bytes"}
 

@@ -130,3 +130,24 @@ def test_corrupt_checkpoint_to_start_from_is_refused_before_workers(hr_cluster, 
     weights.write_bytes(weights.read_bytes()[:-100])
     with pytest.raises(TrainError, match=r"ck/model\.safetensors: truncated or corrupt"):
         run(hr_cluster, "finetune", f"model.init_from={path}")
+
+
+def test_cli_dry_run_prints_the_decisions_and_starts_nothing(local_cluster):
+    import os
+    import subprocess
+    import sys
+
+    from hybridray.cluster import ray_env
+    from tests.paths import ROOT
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "hybridray", "train", "configs/train/burst.yaml", "--dry-run",
+         "--cluster", local_cluster.name, "name=dry-run"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+        env={**os.environ, **ray_env(local_cluster)})
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["data_class"] == "internal"
+    assert out["workers"] == {"onprem": 1, "cloud-b": 1}          # on-prem first, then burst
+    assert out["checkpoints"].endswith("/storage/local/onprem/checkpoints/dry-run")
+    assert out["resume_step"] is None

@@ -1,0 +1,156 @@
+"""Everything a training run decides on the driver, before a single worker starts.
+
+Refusing late is expensive (workers started, data read, maybe by the wrong site), so the
+plan checks up front: the class of every input (the corpus, and a checkpoint the run starts
+from: a fine-tuned model inherits the highest), the placement of the worker group through
+the audited policy, the checkpoint site's right to hold that class, that its storage can be
+written, and that a checkpoint the run would resume from fits the model. The result is a
+``RunPlan``: plain data that ``build_trainer`` turns into Ray Train's configs.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hybridray.exceptions import PlacementRefused, TrainError
+from hybridray.storage.fs import parse_address, site_filesystem
+from hybridray.topology.models import DataClass, Topology
+from hybridray.train.config import TrainConfig
+
+
+@dataclass
+class RunPlan:
+    """Everything decided on the driver before a worker starts (plain data, auditable)."""
+
+    run_name: str
+    data_class: DataClass
+    placement: Any                       # hybridray.placement.Placement
+    model_config: dict[str, Any]
+    storage_site: str
+    storage_path: str                    # inside storage_fs
+    storage_uri: str
+    storage_fs: Any = field(repr=False)
+    init_from: dict[str, Any] | None = None
+    resume_step: int | None = None
+
+
+def plan_run(config: TrainConfig, cluster: Any) -> RunPlan:
+    """Decide placement, classes and storage; raise before anything starts if refused.
+
+    Raises:
+        PlacementRefused: no site may (or can) run the workers, or the checkpoint site may
+            not hold the data's class.
+        TrainError: the storage root cannot be written, or a checkpoint to start from or
+            resume is missing, corrupt or of another shape.
+    """
+    from hybridray.placement.workload import Workload, WorkloadKind
+    from hybridray.train import checkpoint as ckpt
+    from hybridray.train.model import GPTConfig
+
+    topology: Topology = cluster.topology
+    t = config.train
+    data_addr = parse_address(config.data.output, topology)
+    classes = {DataClass(config.data.data_class)}
+    model_config = GPTConfig.named(config.model.size, **config.model.overrides())
+    init = None
+    if config.model.init_from:
+        init = _resolve_checkpoint(config.model.init_from, topology)
+        meta, init_config, state = ckpt.inspect_checkpoint(init["uri"])
+        classes.add(DataClass(meta["data_class"]))
+        model_config = init_config.model_copy(update={"dropout": config.model.dropout})
+        init.update(data_class=meta["data_class"], step=state["step"])
+    data_class = max(classes)
+
+    def workload(count: int) -> Workload:
+        return Workload(name=config.name, kind=WorkloadKind.train, count=count,
+                        cpus=t.cpus_per_worker, gpus=t.gpus_per_worker,
+                        accelerator=t.accelerator, data_classes=tuple(sorted(classes)),
+                        data_site=data_addr.site, preference=t.preference, site=t.site,
+                        burst=t.burst, spot_ok=t.spot_ok, expected_hours=1.0)
+
+    placement = cluster.place(workload(t.max_workers))
+    if not placement.ok and t.min_workers < t.max_workers and placement.refusal.rule == \
+            "capacity":
+        placement = cluster.place(workload(t.min_workers))
+    placement.raise_if_refused()
+
+    storage_site = config.checkpoint.site or data_addr.site
+    if storage_site not in topology.sites:
+        raise TrainError(f"checkpoint.site {storage_site!r}: no such site in cluster "
+                         f"{topology.name!r} (sites: {', '.join(topology.sites)})")
+    site = topology.sites[storage_site]
+    if not site.may_hold(data_class):
+        raise PlacementRefused(
+            f"{config.name}: checkpoints inherit the data's class {data_class.value}, and "
+            f"site {storage_site!r} may hold up to {site.max_data_class.value}",
+            rule="residency", fix="set checkpoint.site to a site allowed for "
+            f"{data_class.value}: {', '.join(topology.sites_by_class[data_class])}")
+    fs, base = site_filesystem(site)
+    storage_path = f"{base}/{config.checkpoint.path.strip('/')}" if base else \
+        config.checkpoint.path.strip("/")
+    storage_uri = f"{site.storage.root.rstrip('/')}/{config.checkpoint.path.strip('/')}"
+    _check_writable(fs, storage_path, storage_uri, storage_site)
+
+    run_name = config.name if t.resume == "auto" else \
+        f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    resume_step = _vet_resume(fs, f"{storage_path}/{run_name}", model_config, data_class)
+    return RunPlan(run_name=run_name, data_class=data_class, placement=placement,
+                   model_config=model_config.model_dump(), storage_site=storage_site,
+                   storage_path=storage_path, storage_uri=storage_uri, storage_fs=fs,
+                   init_from=init, resume_step=resume_step)
+
+
+def _resolve_checkpoint(location: str, topology: Topology) -> dict[str, Any]:
+    """``{"uri", "site"}`` for SITE:PATH, a URI or a local directory."""
+    if "://" not in location and ":" in location and not location.startswith("/"):
+        addr = parse_address(location, topology)
+        return {"uri": addr.uri(topology), "site": addr.site, "address": str(addr)}
+    path = location if "://" in location else "file://" + str(Path(location).absolute())
+    return {"uri": path, "site": None, "address": location}
+
+
+def _check_writable(fs: Any, path: str, uri: str, site: str) -> None:
+    probe = f"{path}/.hybridray-write-probe-{uuid.uuid4().hex[:8]}"
+    try:
+        fs.create_dir(path, recursive=True)
+        with fs.open_output_stream(probe) as f:
+            f.write(b"ok")
+        fs.delete_file(probe)
+    except Exception as e:  # pyarrow raises OSError, PermissionError, or ArrowException
+        raise TrainError(f"checkpoint storage {uri} (site {site}) cannot be written: "
+                         f"{str(e).splitlines()[0]}; fix sites.{site}.storage.root or "
+                         "checkpoint.path") from None
+
+
+def _vet_resume(fs: Any, run_dir: str, model_config: Any, data_class: DataClass
+                ) -> int | None:
+    """The step a resumed run continues from (None: fresh), after checking its checkpoint
+    fits this run: same model shape, a class no higher than this run's."""
+    import pyarrow.fs as pafs
+
+    from hybridray.train import checkpoint as ckpt
+
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True))
+    except OSError:
+        return None
+    dirs = sorted((i.path for i in infos if i.type == pafs.FileType.Directory
+                   and i.base_name.startswith("checkpoint-")), reverse=True)
+    for path in dirs:
+        reader = ckpt.CheckpointReader(path, fs)
+        try:
+            reader.check_complete()
+        except TrainError:
+            continue      # a checkpoint whose upload was cut short; Ray never registered it
+        meta, have, state = ckpt.inspect_checkpoint(reader)
+        ckpt.check_same_shape(have, model_config, reader)
+        if DataClass(meta["data_class"]) > data_class:
+            raise TrainError(f"{reader.where(ckpt.META_FILE)}: the run's checkpoints are "
+                             f"{meta['data_class']}, above this run's {data_class.value}; "
+                             "start a new run (train.resume=never, or another name)")
+        return state["step"]
+    return None

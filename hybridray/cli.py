@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "cluster",   # up, down, status, env
     "plan",
     "place",     # place, audit
+    "data",      # sync, verify, ls
     "train",
 ]
 

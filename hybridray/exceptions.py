@@ -12,6 +12,9 @@ Hierarchy::
     ├── ClusterError                bringing a local cluster up/down or connecting failed
     │   └── ClusterNotFound         no recorded cluster of that name
     ├── PlanInfeasible              the cost planner cannot meet the demand
+    ├── DataError                   a dataset cannot be read, moved or committed as asked
+    │   ├── IntegrityError          stored bytes, rows or schema differ from the manifest
+    │   └── MaskingError            masking rules are invalid, or raw values survived them
     └── TrainError                  a training run's model, data, checkpoint or storage is unusable
 """
 
@@ -45,7 +48,11 @@ class PlacementRefused(HybridRayError):
     def __init__(self, message: str, *, rule: str, fix: str):
         self.rule = rule
         self.fix = fix
+        self.message = message
         super().__init__(f"{message} [rule: {rule}] Fix: {fix}")
+
+    def __reduce__(self):  # keyword-only fields: pickle them so Ray can return the error
+        return _rebuild, (type(self), (self.message,), {"rule": self.rule, "fix": self.fix})
 
 
 class ResidencyViolation(PlacementRefused):
@@ -53,6 +60,9 @@ class ResidencyViolation(PlacementRefused):
 
     def __init__(self, message: str, *, fix: str):
         super().__init__(message, rule="residency", fix=fix)
+
+    def __reduce__(self):
+        return _rebuild, (type(self), (self.message,), {"fix": self.fix})
 
 
 class ClusterError(HybridRayError):
@@ -74,3 +84,35 @@ class PlanInfeasible(HybridRayError):
 class TrainError(HybridRayError):
     """A training run cannot start or go on: an unknown model size, an unreadable or mismatched
     checkpoint or dataset (the message names the file), a storage root that cannot be written."""
+
+
+class DataError(HybridRayError):
+    """A dataset cannot be synced, listed or read: a missing or corrupt source (the message
+    names the file), mismatched schemas, a destination holding another dataset, storage that
+    cannot be reached after bounded retries. Nothing is committed when it is raised."""
+
+
+class IntegrityError(DataError):
+    """Stored files differ from the committed manifest (sha256, size, rows or schema).
+
+    ``problems`` holds one line per bad file, so one ``verify`` names them all.
+    """
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        self.problems = list(problems or [])
+        self.message = message
+        super().__init__(message + ("\n  " + "\n  ".join(self.problems) if self.problems
+                                    else ""))
+
+    def __reduce__(self):
+        return _rebuild, (type(self), (self.message, self.problems), {})
+
+
+class MaskingError(DataError):
+    """A masking spec is invalid, or a scan found a raw value that should have been masked."""
+
+
+def _rebuild(cls, args, kwargs):
+    """Unpickle an error whose constructor takes more than the message (Ray ships errors
+    raised in tasks back to the driver by pickling them)."""
+    return cls(*args, **kwargs)

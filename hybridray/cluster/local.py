@@ -33,6 +33,7 @@ from hybridray.cluster.state import (
     save_state,
 )
 from hybridray.exceptions import ClusterError, ClusterNotFound
+from hybridray.storage import emulator
 from hybridray.topology.models import Topology
 
 UP_TIMEOUT_S = 60.0
@@ -102,6 +103,8 @@ def up(topology: Topology, *, source_file: str | os.PathLike | None = None,
             created_at=now_iso())
         save_state(state)
         try:
+            emulator.start_for(state, topology, simulate=simulate, say=say)  # cloud storage
+            save_state(state)
             Startup(state, timeout=timeout, say=say).run(specs)
         except BaseException as e:
             stopped = _stop_nodes(state.nodes)
@@ -251,7 +254,9 @@ def _wait_gone(nodes: list[NodeRecord], deadline: float) -> None:
 
 
 def _remove_runtime(state: ClusterState) -> None:
-    """Forget a stopped cluster: state and token go, node logs stay for a post-mortem."""
+    """Forget a stopped cluster: its S3 server stops, state and token go, node logs stay for
+    a post-mortem."""
+    emulator.stop_for(state)
     for path in (state.state_dir / "state.json", Path(state.token_path)):
         with contextlib.suppress(FileNotFoundError):
             path.unlink()

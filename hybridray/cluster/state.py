@@ -162,6 +162,7 @@ class ClusterState:
     topology_snapshot: dict[str, Any] = field(default_factory=dict)
     created_at: str = ""
     nodes: list[NodeRecord] = field(default_factory=list)
+    services: dict[str, dict[str, Any]] = field(default_factory=dict)  # e.g. the S3 server
     version: int = STATE_VERSION
 
     @property

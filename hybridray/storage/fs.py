@@ -9,6 +9,7 @@ profiles, instance roles); they never live in cluster files.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from urllib.parse import urlparse
@@ -31,19 +32,49 @@ def site_filesystem(site: Site, *, connect_timeout: float = 5.0, retries: int = 
     if storage.scheme == "file":
         return pafs.LocalFileSystem(), storage.path.rstrip("/")
     if storage.scheme == "s3":
-        kwargs = {"region": storage.region or "us-east-1",
-                  "connect_timeout": connect_timeout, "request_timeout": 30.0,
-                  "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=retries)}
-        if storage.endpoint:
-            url = urlparse(storage.endpoint)
-            kwargs["endpoint_override"] = url.netloc
-            kwargs["scheme"] = url.scheme
-            kwargs["allow_bucket_creation"] = True
-        return pafs.S3FileSystem(**kwargs), storage.path.strip("/")
+        return s3_filesystem(storage.endpoint, region=storage.region,
+                             connect_timeout=connect_timeout, retries=retries), \
+            storage.path.strip("/")
     if storage.scheme == "gs":
         return pafs.GcsFileSystem(retry_time_limit_seconds=connect_timeout * retries), \
             storage.path.strip("/")
     raise ConfigError(f"storage root {storage.root!r}: unsupported scheme")  # models refuse it
+
+
+def s3_filesystem(endpoint: str | None = None, *, region: str | None = None,
+                  connect_timeout: float = 5.0, retries: int = 3,
+                  allow_bucket_creation: bool | None = None):
+    """A ``pyarrow.fs.S3FileSystem`` for AWS (``endpoint`` None) or an S3-compatible server.
+
+    A loopback endpoint (the local cluster's emulator) gets placeholder keys when the
+    environment has none, since any key works there and the AWS default chain would
+    otherwise probe EC2 instance metadata for seconds before giving up.
+    """
+    import pyarrow.fs as pafs
+
+    kwargs = {"region": region or "us-east-1", "connect_timeout": connect_timeout,
+              "request_timeout": 30.0,
+              "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=retries)}
+    if endpoint:
+        url = urlparse(endpoint)
+        kwargs["endpoint_override"] = url.netloc
+        kwargs["scheme"] = url.scheme
+        kwargs["allow_bucket_creation"] = True if allow_bucket_creation is None \
+            else allow_bucket_creation
+        if is_loopback(endpoint) and not os.environ.get("AWS_ACCESS_KEY_ID"):
+            from hybridray.storage.s3server import EMULATOR_ACCESS_KEY, EMULATOR_SECRET_KEY
+
+            kwargs["access_key"] = EMULATOR_ACCESS_KEY
+            kwargs["secret_key"] = EMULATOR_SECRET_KEY
+    elif allow_bucket_creation is not None:
+        kwargs["allow_bucket_creation"] = allow_bucket_creation
+    return pafs.S3FileSystem(**kwargs)
+
+
+def is_loopback(endpoint: str) -> bool:
+    """True for ``http(s)://127.x.x.x``, ``localhost`` or ``[::1]`` endpoints."""
+    host = urlparse(endpoint).hostname or ""
+    return host == "localhost" or host.startswith("127.") or host == "::1"
 
 
 @dataclass(frozen=True)

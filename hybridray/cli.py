@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "place",     # place, audit
     "data",      # sync, verify, ls
     "train",
+    "demo",
 ]
 
 

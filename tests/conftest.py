@@ -40,9 +40,17 @@ def local_cluster(hybridray_home):
     from hybridray.cluster import down, up
     from hybridray.topology import load_topology
 
+    from hybridray.exceptions import ClusterError
+
     topology = load_topology(CLUSTERS / "local.yaml")
-    state = up(topology, source_file=CLUSTERS / "local.yaml", home=hybridray_home,
-               dashboard=True, timeout=UP_TIMEOUT_S)
+    for attempt in (1, 2):  # one retry: Ray's own node start-up can time out on a busy box
+        try:
+            state = up(topology, source_file=CLUSTERS / "local.yaml", home=hybridray_home,
+                       dashboard=True, timeout=UP_TIMEOUT_S)
+            break
+        except ClusterError:
+            if attempt == 2:
+                raise  # up() already stopped whatever it had started
     try:
         yield state
     finally:

@@ -54,7 +54,7 @@ def bench_hybridray(home: Path) -> tuple[float, float]:
 
 
 def bench_plain(tmp: Path) -> tuple[float, float]:
-    temp_dir = f"/tmp/hr-{os.getuid()}-bench-plain"
+    temp_dir = f"/tmp/hr-{os.getuid()}-plain-{os.getpid()}"  # two benchmarks never share it
     shutil.rmtree(temp_dir, ignore_errors=True)
     gcs, dash, client = free_ports(3)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
@@ -102,17 +102,26 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="also print raw timings as JSON")
     args = parser.parse_args()
     runs: dict[str, list[tuple[float, float]]] = {"hybridray": [], "plain": []}
+    failed: dict[str, list[str]] = {"hybridray": [], "plain": []}
     with tempfile.TemporaryDirectory(prefix="hr-bench-") as tmp:
         for i in range(args.n):
             for name, fn in (("plain", lambda: bench_plain(Path(tmp))),
                              ("hybridray", lambda: bench_hybridray(Path(tmp) / "home"))):
-                runs[name].append(fn())
+                try:
+                    runs[name].append(fn())
+                except Exception as e:  # a failed start is a result too; both clean up
+                    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+                    why = lines[0] if len(lines) < 2 else f"{lines[0]} ... {lines[-1]}"
+                    failed[name].append(why)
+                    print(f"run {i + 1}/{args.n} {name:<9} FAILED: {failed[name][-1]}",
+                          file=sys.stderr, flush=True)
+                    continue
                 t_up, t_down = runs[name][-1]
                 print(f"run {i + 1}/{args.n} {name:<9} up {t_up:6.2f}s  down {t_down:5.2f}s",
                       file=sys.stderr, flush=True)
 
     def stats(name: str, which: int) -> tuple[float, float]:
-        values = [r[which] for r in runs[name]]
+        values = [r[which] for r in runs[name]] or [float("nan")]
         return statistics.median(values), min(values)
 
     import ray
@@ -125,14 +134,19 @@ def main() -> None:
     print("| step | hybridray (median / min) | plain `ray start` (median / min) "
           "| ratio of medians |")
     print("|---|---|---|---|")
+    print(f"| runs that came up | {len(runs['hybridray'])} of {args.n} "
+          f"| {len(runs['plain'])} of {args.n} | |")
     for label, which in (("up: all 4 nodes registered in the GCS", 0),
                          ("down: every node process gone", 1)):
         h_med, h_min = stats("hybridray", which)
         p_med, p_min = stats("plain", which)
         print(f"| {label} | {h_med:.2f} / {h_min:.2f} | {p_med:.2f} / {p_min:.2f} "
               f"| {h_med / p_med:.2f}x |")
+    for name, errors in failed.items():
+        for error in errors:
+            print(f"\n{name} run failed: {error}")
     if args.json:
-        print(json.dumps(runs))
+        print(json.dumps({"runs": runs, "failed": failed}))
 
 
 if __name__ == "__main__":

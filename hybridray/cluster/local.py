@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from hybridray.cluster.auth import write_token
-from hybridray.cluster.plan import plan_nodes
+from hybridray.cluster.plan import NodeSpec, plan_nodes
 from hybridray.cluster.ports import check_pinned, free_ports
 from hybridray.cluster.startup import MAX_ATTEMPTS, Progress, Startup
 from hybridray.cluster.state import (
@@ -61,7 +61,7 @@ def up(topology: Topology, *, source_file: str | os.PathLike | None = None,
         dashboard: start the Ray dashboard (needed by ``ray job submit``) on 127.0.0.1.
         home: the hybridray home (default ``$HYBRIDRAY_HOME`` or ``~/.hybridray``).
         port, dashboard_port: pin the GCS or dashboard port instead of picking free ones.
-        timeout: seconds to wait for every node to register with the GCS.
+        timeout: seconds each node may take, from its launch, to register with the GCS.
         progress: called with one line per node as it comes up.
 
     Returns:
@@ -105,7 +105,7 @@ def up(topology: Topology, *, source_file: str | os.PathLike | None = None,
         try:
             emulator.start_for(state, topology, simulate=simulate, say=say)  # cloud storage
             save_state(state)
-            Startup(state, timeout=timeout, say=say).run(specs)
+            _start_nodes(state, specs, timeout=timeout, say=say, pinned=pinned)
         except BaseException as e:
             stopped = _stop_nodes(state.nodes)
             _remove_runtime(state)
@@ -115,6 +115,33 @@ def up(topology: Topology, *, source_file: str | os.PathLike | None = None,
             raise
         save_state(state)
         return state
+
+
+def _start_nodes(state: ClusterState, specs: list[NodeSpec], *, timeout: float, say: Progress,
+                 pinned: set[int]) -> None:
+    """Start every node; if one of Ray's own startup deadlines struck, start once more.
+
+    Those deadlines (fixed inside Ray) strike on a machine too busy for the cluster's Python
+    processes to start in time; the head cannot be replaced under running workers, so the
+    whole start is repeated, on fresh ports, after stopping what the first one started.
+    """
+    try:
+        Startup(state, timeout=timeout, say=say).run(specs)
+        return
+    except ClusterError as e:
+        if not getattr(e, "ray_gave_up", False):
+            raise
+        first = str(e).splitlines()[0]
+    say(f"  Ray gave up on a slow start ({first}); starting the cluster once more")
+    _stop_nodes(state.nodes)
+    state.nodes.clear()
+    for child in Path(state.temp_dir).iterdir():
+        shutil.rmtree(child, ignore_errors=True)
+    fresh = iter(free_ports(len(state.ports), exclude=pinned | set(state.ports.values())))
+    state.ports = {k: v if v in pinned else next(fresh) for k, v in state.ports.items()}
+    state.address = f"{state.address.rsplit(':', 1)[0]}:{state.ports['gcs']}"
+    save_state(state)
+    Startup(state, timeout=timeout, say=say).run(specs)
 
 
 def down(name: str, *, home: str | os.PathLike | None = None,

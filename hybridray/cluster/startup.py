@@ -36,9 +36,12 @@ from hybridray.cluster.state import (
 from hybridray.exceptions import ClusterError
 
 MAX_ATTEMPTS = 2          # per worker: one retry after a transient exit while starting
-# What `ray start` prints when it lost a race against load or another process, rather than
-# failing on the node's configuration (which a retry would only repeat).
-TRANSIENT = ("timed out during startup", "already in use", "Failed to bind")
+# What `ray start` prints when one of Ray's own startup deadlines passed on a busy machine.
+RAY_GAVE_UP = ("timed out during startup", "Timed out waiting for node info",
+               "Timed out waiting for file")
+# ... and those plus a lost race for a port: failures of the moment, not of the node's
+# configuration (which a retry would only repeat).
+TRANSIENT = (*RAY_GAVE_UP, "already in use", "Failed to bind")
 Progress = Callable[[str], None]
 
 
@@ -51,14 +54,20 @@ class Startup:
         self.say = say
         self.window = window or _start_window()  # workers starting at once
         self.started = time.monotonic()
-        self.deadline = self.started + timeout
+        self.timeout = timeout                  # per node, from its own launch
+        self.launched_at: dict[str, float] = {}
         self.procs: dict[str, subprocess.Popen] = {}
         self.attempts: Counter[str] = Counter()
         self.launches = 0
         self.used_ports = set(state.ports.values())
 
     def run(self, specs: list[NodeSpec]) -> None:
-        """Head first; once its GCS listens, the workers, ``window`` at a time."""
+        """The head; once it has registered, the workers, ``window`` at a time.
+
+        Workers wait for the head's registration, not just its GCS port: until then the
+        head's raylet is waiting (15 s at most, inside Ray) for its dashboard agent, and
+        workers importing Ray beside it are what makes that agent late on a small machine.
+        """
         head, workers = specs[0], specs[1:]
         self._launch(head)
         self._wait_for_gcs()
@@ -66,14 +75,15 @@ class Startup:
         pending: dict[str, NodeSpec] = {head.key: head}   # launched, not yet registered
         with GcsView(self.state.address, self.state.token_path) as gcs:
             while True:
-                while queue and sum(k != head.key for k in pending) < self.window:
+                while (queue and head.key not in pending
+                       and len(pending) < self.window):
                     spec = queue.popleft()
                     self._launch(spec)
                     pending[spec.key] = spec
                 self._check_exits(pending)
                 try:
                     seen = gcs.nodes(timeout=2)
-                except Exception:  # the GCS may still be warming up; give it the deadline
+                except Exception:  # the GCS may still be warming up; give it the timeout
                     seen = []
                 for info in seen:  # the temp dir tells this attempt from a failed one
                     if (info.alive and info.key in pending
@@ -82,9 +92,11 @@ class Startup:
                         self._registered(info.key, info.node_id)
                 if not pending and not queue:
                     return
-                if time.monotonic() > self.deadline:
-                    raise self.failure(next(iter(pending)), "did not register with the GCS "
-                                       f"within {self.deadline - self.started:.0f}s")
+                late = [k for k in pending
+                        if time.monotonic() - self.launched_at[k] > self.timeout]
+                if late:
+                    raise self.failure(late[0], "did not register with the GCS within "
+                                       f"{self.timeout:.0f}s of starting")
                 time.sleep(0.2)
 
     # ---- one node ---------------------------------------------------------------------
@@ -110,6 +122,7 @@ class Startup:
                                     env=_child_env(state, spec.role), start_new_session=True,
                                     cwd=state.state_dir)
         self.procs[spec.key] = proc
+        self.launched_at[spec.key] = time.monotonic()
         start_time = process_start_time(proc.pid)
         record = NodeRecord(
             key=spec.key, site=spec.site, pool=spec.pool, role=spec.role, index=spec.index,
@@ -157,7 +170,7 @@ class Startup:
     def _wait_for_gcs(self) -> None:
         """Until the head's GCS accepts connections: then workers can start joining it."""
         port = self.state.ports["gcs"]
-        while time.monotonic() < self.deadline:
+        while time.monotonic() - self.launched_at["head"] < self.timeout:
             code = self.procs["head"].poll()
             if code is not None:
                 raise self.failure("head", f"exited with code {code} while starting")
@@ -178,14 +191,17 @@ class Startup:
             with contextlib.suppress(OSError, shutil.Error):
                 shutil.copytree(ray_logs, target, symlinks=True, dirs_exist_ok=True)
                 kept = f"\nRay's own logs of that node (raylet.err, ...) are in {target}"
-        tail = log_tail(node.log)
+        tail = log_tail(node.log, 40)
+        slow = any(t in tail for t in RAY_GAVE_UP)
         hint = ""
-        if any(t in tail for t in TRANSIENT[:1]):
+        if slow:
             load, cores = os.getloadavg()[0], os.cpu_count() or 1
             hint = (f"\nRay gave up on a slow start (load average {load:.1f} on {cores} "
                     "cores); run hybridray up again when the machine is less busy")
-        return ClusterError(f"cluster {self.state.name!r}: {where} {why}; last lines of "
-                            f"{node.log}:\n{tail}{kept}{hint}")
+        error = ClusterError(f"cluster {self.state.name!r}: {where} {why}; last lines of "
+                             f"{node.log}:\n{log_tail(node.log)}{kept}{hint}")
+        error.ray_gave_up = slow  # type: ignore[attr-defined]
+        return error
 
 
 def _start_window() -> int:

@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, help="GCS port (default: a free one)")
     p.add_argument("--dashboard-port", type=int, help="dashboard port (default: a free one)")
     p.add_argument("--timeout", type=float, default=60.0,
-                   help="seconds to wait for every node to register (default: 60)")
+                   help="seconds each node may take to register (default: 60)")
     p.set_defaults(func=run_up)
 
     p = sub.add_parser("down", help="stop a cluster started by hybridray up",

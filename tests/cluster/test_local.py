@@ -27,6 +27,7 @@ from hybridray.cluster import (
     down,
     list_clusters,
     load_state,
+    local,
     ray_env,
     startup,
     status,
@@ -226,6 +227,44 @@ def test_a_worker_that_gave_up_while_starting_is_retried_once(tmp_path, monkeypa
     with pytest.raises(ClusterError, match="object store too large"):
         again._check_exits({other.key: other})  # a configuration error is not retried
     assert len(said) == 1
+
+
+def test_a_start_that_ray_gave_up_on_is_repeated_once_on_fresh_ports(tmp_path, monkeypatch):
+    state = _fake_state(tmp_path, "again", [])
+    state.temp_dir = str(tmp_path / "ray")
+    os.makedirs(f"{state.temp_dir}/0")
+    state.ports = {"gcs": 7001, "dashboard": 7002}
+    runs: list[dict] = []
+
+    class FlakyStartup:  # the first start hits one of Ray's own deadlines, the second works
+        def __init__(self, state, **_):
+            self.state = state
+
+        def run(self, specs):
+            runs.append(dict(self.state.ports))
+            if len(runs) == 1:
+                error = ClusterError("cluster 'again': head exited with code 1 while starting")
+                error.ray_gave_up = True
+                raise error
+
+    monkeypatch.setattr(local, "Startup", FlakyStartup)
+    said: list[str] = []
+    local._start_nodes(state, [], timeout=5, say=said.append, pinned={7002})
+    assert len(runs) == 2 and "starting the cluster once more" in said[0]
+    assert runs[1]["dashboard"] == 7002  # pinned by the user: kept
+    assert runs[1]["gcs"] not in (7001, 7002) and state.address.endswith(f":{runs[1]['gcs']}")
+    assert os.listdir(state.temp_dir) == []  # the first start's Ray dirs are gone
+
+    class BrokenStartup(FlakyStartup):  # a failure of the node's own making
+        def run(self, specs):
+            runs.append(dict(self.state.ports))
+            raise ClusterError("cluster 'again': node onprem/cpu#0 exited: bad config")
+
+    monkeypatch.setattr(local, "Startup", BrokenStartup)
+    runs.clear()
+    with pytest.raises(ClusterError, match="bad config"):
+        local._start_nodes(state, [], timeout=5, say=said.append, pinned=set())
+    assert len(runs) == 1  # not repeated
 
 
 # ---- real clusters ------------------------------------------------------------------------

@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "plan",
     "place",     # place, audit
     "data",      # sync, verify, ls
+    "serve",
     "train",
     "demo",
 ]

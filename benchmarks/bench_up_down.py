@@ -101,6 +101,8 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=3, help="repetitions of each (default 3)")
     parser.add_argument("--json", action="store_true", help="also print raw timings as JSON")
     args = parser.parse_args()
+    # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so no cluster is left behind
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     runs: dict[str, list[tuple[float, float]]] = {"hybridray": [], "plain": []}
     failed: dict[str, list[str]] = {"hybridray": [], "plain": []}
     with tempfile.TemporaryDirectory(prefix="hr-bench-") as tmp:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -77,15 +78,24 @@ def run_up(args: argparse.Namespace) -> int:
     print(f"starting cluster {topology.name!r}: {len(nodes)} nodes at {len(topology.sites)} "
           f"sites{' (simulated)' if args.simulate else ''}", flush=True)
     started = time.monotonic()
-    state = cluster.up(topology, source_file=files[0], overrides=overrides,
-                       simulate=args.simulate, dashboard=args.dashboard, port=args.port,
-                       dashboard_port=args.dashboard_port, timeout=args.timeout,
-                       progress=lambda line: print(line, flush=True))
+    # SIGTERM (e.g. from `timeout`) stops what was started, as Ctrl-C does
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        state = cluster.up(topology, source_file=files[0], overrides=overrides,
+                           simulate=args.simulate, dashboard=args.dashboard, port=args.port,
+                           dashboard_port=args.dashboard_port, timeout=args.timeout,
+                           progress=lambda line: print(line, flush=True))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(f"cluster {state.name!r} is up in {time.monotonic() - started:.1f}s "
           f"(GCS {state.address}; state in {state.state_dir})")
     print(f"connect a shell:  eval \"$(hybridray env {state.name})\"")
     _print_env(state)
     return 0
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _name_of(items: list[str]) -> str:

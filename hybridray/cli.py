@@ -41,7 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `key.path=value` overrides may follow options (`hybridray train C --dry-run k=v`);
+    # argparse stops filling a positional list at the first option, so gather them here.
+    if extra and hasattr(args, "items") and all("=" in a and not a.startswith("-")
+                                                  for a in extra):
+        args.items = [*args.items, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         result = args.func(args)
     except HybridRayError as e:

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cluster", help="cluster name (default: $HYBRIDRAY_CLUSTER or the "
                                           "only cluster recorded)")
     parser.add_argument("--progress", action="store_true", help="live console display")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     overrides = list(args.overrides) + ([f"cluster={args.cluster}"] if args.cluster else [])
     try:
         config = load_train_config(args.config, overrides)

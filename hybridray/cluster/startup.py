@@ -238,6 +238,11 @@ def _child_env(state: ClusterState, role: str) -> dict[str, str]:
            if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN")}
     env.update(auth_env(state.token_path))
     env["RAY_USAGE_STATS_ENABLED"] = "0"
+    # Job entrypoints (`ray job submit -- python x.py`) run with the node's PATH: make `python`
+    # the interpreter hybridray runs in, which has Ray and hybridray, not whatever is first.
+    bindir = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([bindir, *(p for p in env.get("PATH", "").split(os.pathsep)
+                                             if p and p != bindir)])
     if role == "head":  # the head's two Prometheus endpoints have fixed defaults otherwise
         env["DASHBOARD_METRIC_PORT"] = str(state.ports["dashboard_metrics"])
         env["AUTOSCALER_METRIC_PORT"] = str(state.ports["autoscaler_metrics"])

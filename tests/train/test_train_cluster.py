@@ -141,13 +141,14 @@ def test_cli_dry_run_prints_the_decisions_and_starts_nothing(local_cluster):
     from tests.paths import ROOT
 
     proc = subprocess.run(
-        [sys.executable, "-m", "hybridray", "train", "configs/train/burst.yaml", "--dry-run",
-         "--cluster", local_cluster.name, "name=dry-run"],
+        [sys.executable, "-m", "hybridray", "train", "configs/train/burst.yaml", "name=dry-run",
+         "--dry-run", "--cluster", local_cluster.name],
         capture_output=True, text=True, cwd=ROOT, timeout=120,
         env={**os.environ, **ray_env(local_cluster)})
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["data_class"] == "internal"
-    assert out["workers"] == {"onprem": 1, "cloud-b": 1}          # on-prem first, then burst
+    assert list(out["candidates"]) == ["onprem", "cloud-b", "cloud-a"]   # on-prem first
+    assert set(out["workers"]) <= {"onprem", "cloud-b", "cloud-a"}      # (by free capacity)
     assert out["checkpoints"].endswith("/storage/local/onprem/checkpoints/dry-run")
     assert out["resume_step"] is None

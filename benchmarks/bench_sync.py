@@ -7,13 +7,15 @@ Targets: sync throughput >= 0.8x the plain copy's; a re-sync with nothing change
 full sync's time; the sync driver's peak RSS < 1 GiB (it streams; bytes never pass through it).
 
 What runs: a generated Parquet dataset under /tmp (kept between runs) is the on-prem site's
-storage; ``hybridray up`` of clusters/local.yaml (in a temporary HYBRIDRAY_HOME) provides the
-three sites and cloud-a's S3 server on loopback. Each measurement runs in its own driver
-process, so its peak RSS is its own: (1) the plain copy, local files to the S3 server with
-pyarrow's S3 filesystem; (2) ``sync_dataset`` onprem -> cloud-a (no masking: the files travel
-as they are, through Ray, written and read back and checked at cloud-a, then committed); (3)
-the same sync again with nothing changed; (4) the plain copy again. The sync driver first
-runs one small sync so that Ray's worker processes exist (the plain copy needs none).
+storage; ``hybridray up`` of clusters/local.yaml (in a temporary HYBRIDRAY_HOME, cloud-a's
+root overridden to ``s3://`` so that the cluster's own loopback S3 server serves it) gives the
+three sites. One driver process warms Ray's workers up with a tiny sync, then runs
+``--rounds`` interleaved rounds, each: the plain copy (``pyarrow.fs.copy_files``, local files
+to the S3 server, in a process of its own so its memory is not the driver's); a full
+``sync_dataset`` onprem -> cloud-a (no masking: the files travel as they are, through Ray,
+are written, read back and checked at cloud-a, then committed); the same sync again with
+nothing changed; then both copies are deleted. Medians are reported, with every round, since
+a shared 2-core machine is noisy. The driver's peak RSS covers all rounds.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import argparse
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,24 +49,40 @@ print(json.dumps({"seconds": seconds,
 """
 
 SYNC = """
-import json, os, resource, sys, time
+import json, os, resource, subprocess, sys, time
 from hybridray.cluster import load_state, ray_env
 state = load_state(os.environ["HYBRIDRAY_CLUSTER"])
 os.environ.update(ray_env(state))
 import hybridray
-from hybridray.storage import sync_dataset
-from hybridray.topology import load_topology
-overrides = json.loads(sys.argv[1])
-base = hybridray.connect(state.name)
-cluster = hybridray.Cluster(load_topology(state.source_file, [*state.overrides, *overrides]),
-                            audit=base.audit, state=state)
-warm = sync_dataset("onprem:warmup", "cloud-a:warmup", cluster=cluster, data_class="internal")
-out = {}
-for label in ("full", "unchanged"):
+from hybridray.storage import dataset_store, parse_address, sync_dataset
+src_dir, endpoint, bucket, rounds, copy_code = sys.argv[1:6]
+cluster = hybridray.connect(state.name)
+topo = cluster.topology
+
+def wipe(address):
+    store = dataset_store(topo, parse_address(address, topo))
+    store.delete(list(store.list()))
+
+sync_dataset("onprem:warmup", "cloud-a:warmup", cluster=cluster, data_class="internal")
+out = {"plain": [], "full": [], "unchanged": [], "phases": []}
+for r in range(int(rounds)):
+    # the plain copy runs in its own process (its memory is not the driver's), in between
+    proc = subprocess.run([sys.executable, "-c", copy_code, src_dir, endpoint,
+                           f"{bucket}/plain-{r}"], capture_output=True, text=True, check=True)
+    out["plain"].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    wipe(f"cloud-a:plain-{r}")
     started = time.perf_counter()
-    r = sync_dataset("onprem:data", "cloud-a:bench", cluster=cluster, data_class="internal")
-    out[label] = {"seconds": time.perf_counter() - started, "outcome": r.outcome,
-                  "bytes_moved": r.bytes_moved, "parts": r.parts_written, "rows": r.rows}
+    full = sync_dataset("onprem:data", f"cloud-a:bench-{r}", cluster=cluster,
+                        data_class="internal")
+    out["full"].append({"seconds": time.perf_counter() - started, "parts": full.parts_written,
+                        "bytes_moved": full.bytes_moved})
+    out["phases"].append(full.phases)
+    started = time.perf_counter()
+    same = sync_dataset("onprem:data", f"cloud-a:bench-{r}", cluster=cluster,
+                        data_class="internal")
+    out["unchanged"].append({"seconds": time.perf_counter() - started, "outcome": same.outcome,
+                             "bytes_moved": same.bytes_moved})
+    wipe(f"cloud-a:bench-{r}")
 out["rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(json.dumps(out))
 """
@@ -75,7 +94,7 @@ def generate(gib: float, files: int) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    where = DATA / f"onprem-{gib:g}gib-{files}f"
+    where = DATA / f"onprem-{gib:g}gib-{files}f-v3"
     data = where / "data"
     marker = where / ".complete"
     if marker.exists():
@@ -83,7 +102,7 @@ def generate(gib: float, files: int) -> Path:
     data.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     per_file = int(gib * 2**30 / files)
-    rows = per_file // (8 + 8 + 4 + 40)   # id, amount, qty, 40 random bytes
+    rows = int(per_file / 55.6)   # id 8 + amount 8 + qty ~0.4 (dictionary) + 40 random bytes
     for i in range(files):
         payload = pa.FixedSizeBinaryArray.from_buffers(
             pa.binary(40), rows, [None, pa.py_buffer(rng.bytes(rows * 40))])
@@ -112,69 +131,70 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gib", type=float, default=1.0)
     parser.add_argument("--files", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds of plain copy, full sync, unchanged sync")
+    parser.add_argument("--object-store-mb", type=int, default=100,
+                        help="object store of the onprem and cloud-a nodes (local.yaml: 100)")
     args = parser.parse_args()
 
     from hybridray.cluster import down, ray_env, up
-    from hybridray.storage import s3server
     from hybridray.topology import load_topology
 
     where = generate(args.gib, args.files)
     nbytes = sum(f.stat().st_size for f in (where / "data").iterdir())
     home = Path(tempfile.mkdtemp(prefix="hr-bench-sync-"))
     os.environ["HYBRIDRAY_HOME"] = str(home)
-    overrides = ["name=bench-sync", f"sites.onprem.storage.root=file://{where}"]
+    # cloud-a on S3 with no endpoint: `hybridray up` serves it from the cluster's S3 server
+    overrides = ["name=bench-sync", f"sites.onprem.storage.root=file://{where}",
+                 "sites.cloud-a.storage.root=s3://hybridray-bench/cloud-a"]
+    if args.object_store_mb != 100:
+        overrides += [f"sites.{site}.pools.0.object_store_mb={args.object_store_mb}"
+                      for site in ("onprem", "cloud-a")]
     local_yaml = ROOT / "clusters" / "local.yaml"
-    topology = load_topology(local_yaml, overrides)
-    server = None
-    extra: list[str] = []
-    state = up(topology, source_file=local_yaml, overrides=overrides, home=home,
-               dashboard=False, timeout=300)
+    state = up(load_topology(local_yaml, overrides), source_file=local_yaml,
+               overrides=overrides, home=home, dashboard=False, timeout=300)
     try:
-        topology = state.topology()
-        storage = topology.sites["cloud-a"].storage
-        if storage.scheme != "s3" or not storage.endpoint:  # no emulator from `up`: start one
-            server = s3server.start(buckets=["hybridray-bench"])
-            extra = ["sites.cloud-a.storage.root=s3://hybridray-bench/cloud-a",
-                     f"sites.cloud-a.storage.endpoint={server.endpoint}"]
-            endpoint, bucket = server.endpoint, "hybridray-bench"
-        else:
-            endpoint, bucket = storage.endpoint, storage.path.split("/")[0]
-            s3server.create_bucket(endpoint, bucket)
+        endpoint = state.topology().sites["cloud-a"].storage.endpoint
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
         env.update(ray_env(state))
         env["PYTHONPATH"] = str(ROOT)
-        plain1 = run_child(COPY, str(where / "data"), endpoint, f"{bucket}/plain-1", env=env)
-        sync = run_child(SYNC, json.dumps(extra), env=env)
-        plain2 = run_child(COPY, str(where / "data"), endpoint, f"{bucket}/plain-2", env=env)
+        res = run_child(SYNC, str(where / "data"), endpoint, "hybridray-bench",
+                        str(args.rounds), COPY, env=env)
     finally:
         down(state.name, home=home)
-        if server is not None:
-            s3server.stop(server)
 
     mb = nbytes / 1e6
-    plain_s = (plain1["seconds"] + plain2["seconds"]) / 2
-    full_s, same_s = sync["full"]["seconds"], sync["unchanged"]["seconds"]
-    ratio = (mb / full_s) / (mb / plain_s)
-    command = "python benchmarks/bench_sync.py" + (
-        f" --gib {args.gib:g} --files {args.files}" if (args.gib, args.files) != (1.0, 16) else "")
-    print(f"\n`{command}` — {args.files} Parquet files, {nbytes / 2**30:.2f} GiB, "
-          f"local fs -> S3 server (moto) on 127.0.0.1, {os.cpu_count()} CPUs\n")
-    print("| measurement | seconds | MB/s | vs target |")
-    print("|---|---:|---:|---|")
-    print(f"| plain pyarrow.fs.copy_files (mean of 2: {plain1['seconds']:.1f}, "
-          f"{plain2['seconds']:.1f}) | {plain_s:.1f} | {mb / plain_s:.1f} | |")
-    print(f"| hybridray sync, full ({sync['full']['parts']} parts, verified, committed) | "
-          f"{full_s:.1f} | {mb / full_s:.1f} | {ratio:.2f}x plain (target >= 0.8x) "
-          f"{'PASS' if ratio >= 0.8 else 'FAIL'} |")
+    plain = [p["seconds"] for p in res["plain"]]
+    full = [f["seconds"] for f in res["full"]]
+    same = [u["seconds"] for u in res["unchanged"]]
+    plain_s, full_s, same_s = (statistics.median(x) for x in (plain, full, same))
+    ratio = plain_s / full_s
     share = same_s / full_s
-    print(f"| hybridray sync, nothing changed ({sync['unchanged']['outcome']}, "
-          f"{sync['unchanged']['bytes_moved']} bytes moved) | {same_s:.2f} | - | "
+    rss = res["rss"] / 2**20
+    secs = lambda xs: ", ".join(f"{x:.1f}" for x in xs)  # noqa: E731
+    command = "python benchmarks/bench_sync.py" + "".join(
+        f" --{k.replace('_', '-')} {v:g}" for k, v in vars(args).items()
+        if v != parser.get_default(k))
+    print(f"\n`{command}` — {args.files} Parquet files, {nbytes / 2**30:.2f} GiB, local fs -> "
+          f"S3 server (moto) on 127.0.0.1, {os.cpu_count()} CPUs, object store "
+          f"{args.object_store_mb} MB per node; median of {args.rounds} interleaved rounds\n")
+    print("| measurement | seconds (median) | MB/s | each round (s) | vs target |")
+    print("|---|---:|---:|---|---|")
+    print(f"| plain `pyarrow.fs.copy_files` | {plain_s:.1f} | {mb / plain_s:.1f} | "
+          f"{secs(plain)} | |")
+    print(f"| hybridray sync, full ({res['full'][0]['parts']} parts, read back + verified, "
+          f"committed) | {full_s:.1f} | {mb / full_s:.1f} | {secs(full)} | {ratio:.2f}x plain "
+          f"(target >= 0.8x) {'PASS' if ratio >= 0.8 else 'FAIL'} |")
+    print(f"| hybridray sync, nothing changed ({res['unchanged'][0]['outcome']}, "
+          f"{res['unchanged'][0]['bytes_moved']} B moved) | {same_s:.2f} | - | {secs(same)} | "
           f"{100 * share:.1f}% of full (target < 5%) {'PASS' if share < 0.05 else 'FAIL'} |")
-    rss = sync["rss"] / 2**20
-    print(f"| sync driver peak RSS | - | - | {rss:.0f} MiB (target < 1024 MiB) "
+    print(f"| sync driver peak RSS (all rounds) | - | - | - | {rss:.0f} MiB (target < 1024 MiB) "
           f"{'PASS' if rss < 1024 else 'FAIL'}; plain copy process: "
-          f"{plain1['rss'] / 2**20:.0f} MiB |")
-    print(f"\nexact command: {shlex.join([sys.executable.rsplit('/', 1)[-1], *sys.argv])}")
+          f"{max(p['rss'] for p in res['plain']) / 2**20:.0f} MiB |")
+    phases = "; ".join(", ".join(f"{k} {v:.1f}s" for k, v in ph.items() if v >= 0.05)
+                       for ph in res["phases"])
+    print(f"\nfull sync phases per round: {phases}")
+    print(f"exact command: {shlex.join([sys.executable.rsplit('/', 1)[-1], *sys.argv])}")
     return 0
 
 

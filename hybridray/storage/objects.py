@@ -3,9 +3,10 @@
 The commit protocol needs exactly what every object store gives and nothing more: a write of
 one object is atomic (all of it or none), a read sees a whole object, a listing sees what was
 written. ``LocalStore`` gets there on a filesystem by writing a temporary file and renaming it;
-``S3Store`` sends each object in one ``PutObject`` with ``Content-MD5`` (so the server rejects a
-body damaged on the way) and reads it back with one ``GetObject``: parts are built in memory
-anyway, and one request per object is cheaper than a multipart upload of a few chunks.
+``S3Store`` sends each object in one ``PutObject`` and reads it with one ``GetObject``: parts
+are built in memory anyway, and one request per object is cheaper than a multipart upload of
+a few chunks. (No ``Content-MD5``: the sync reads every part back and compares its sha256,
+which catches more than the server's MD5 check would.)
 ``FsStore`` covers the rest (``gs://``) through pyarrow. Parquet *reading* (Ray Data, training)
 keeps using the pyarrow filesystem from ``site_filesystem``, available as ``store.fs``.
 
@@ -17,9 +18,7 @@ of times first, so a store that is down fails in seconds.
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -210,10 +209,10 @@ class S3Store(ObjectStore):
         return f"{self.bucket}/{self.prefix}".rstrip("/")
 
     def put(self, key: str, data: bytes) -> None:
-        md5 = base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
+        body = data if isinstance(data, bytes) else _BufferBody(data)
         with self._errors("write", key):
-            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data,
-                                   ContentMD5=md5)
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=body,
+                                   ContentLength=len(memoryview(data)))
 
     def get(self, key: str) -> bytes:
         with self._errors("read", key):
@@ -307,6 +306,32 @@ class S3Store(ObjectStore):
     def __setstate__(self, state):
         self.__dict__.update(state)
         object.__setattr__(self, "_client", [])
+
+
+class _BufferBody:
+    """A seekable, read-only file over any buffer (a ``pyarrow.Buffer``), without copying
+    it into ``bytes`` first: what botocore needs to send, and re-send on a retry."""
+
+    def __init__(self, data):
+        self._view = memoryview(data).cast("B")
+        self._pos = 0
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self._view) if n is None or n < 0 else min(self._pos + n, len(self._view))
+        chunk = self._view[self._pos:end].tobytes()
+        self._pos = end
+        return chunk
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: len(self._view)}[whence]
+        self._pos = max(0, min(base + pos, len(self._view)))
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def __len__(self) -> int:
+        return len(self._view)
 
 
 def _boto3_client(endpoint: str | None, region: str | None, retries: int):

@@ -155,11 +155,14 @@ def encode_part(ctx: SourceContext, spec: dict[str, Any]) -> dict[str, Any]:
     file = spec["file"]
     started = time.perf_counter()
     raw = ctx.store.get(file) if spec["size"] <= WHOLE_READ_MAX else None
-    if raw is not None and hashlib.sha256(raw).hexdigest() != spec["source_sha256"]:
+    if spec["mode"] == "copy":
+        # The file's own bytes, expected to hash to what the probe saw. Not re-hashed here:
+        # the destination hashes what it stored and compares with exactly that, so a file
+        # that changed since the probe fails the sync there.
+        data, rows, fp, sha = raw, spec["rows"], spec["schema_fp"], spec["source_sha256"]
+    elif raw is not None and hashlib.sha256(raw).hexdigest() != spec["source_sha256"]:
         raise DataError(f"{ctx.store.label}/{file} changed while the sync ran (its sha256 "
                         "differs from a moment ago); rerun the sync once it is stable")
-    if spec["mode"] == "copy":
-        data, rows, fp = raw, spec["rows"], spec["schema_fp"]
     else:
         pf = open_parquet(ctx.store, file, spec["size"], ctx.read_keys, data=raw)
         sink = io.BytesIO()
@@ -190,12 +193,12 @@ def encode_part(ctx: SourceContext, spec: dict[str, Any]) -> dict[str, Any]:
             if writer is not None:
                 writer.close()
         data = sink.getvalue()
-        fp = ctx.schema_fp
+        fp, sha = ctx.schema_fp, hashlib.sha256(data).hexdigest()
         if rows != spec["rows"]:
             raise DataError(f"{ctx.store.label}/{file}: read {rows} rows from row groups "
                             f"{first}..{last - 1}, expected {spec['rows']}")
     del raw
-    return {"path": spec["path"], "data": data, "sha256": hashlib.sha256(data).hexdigest(),
+    return {"path": spec["path"], "data": data, "sha256": sha,
             "bytes": len(data), "rows": rows, "schema_fp": fp, "source_site": ctx.site,
             "encode_s": time.perf_counter() - started}
 
@@ -214,12 +217,14 @@ def write_part(ctx: DestContext, part: dict[str, Any]) -> dict[str, Any]:
     """Write one part (atomically) and read it back: sha256, rows and schema must match."""
     site = check_site(ctx.site, ctx.data_class)
     started = time.perf_counter()
-    data = part["data"]
+    data = part["data"]  # bytes, or a pyarrow.Buffer (anything with the buffer protocol)
     ctx.store.put(part["path"], data)
     back = ctx.store.get(part["path"])
     problems = check_bytes(back, part, ctx.keys)
     if problems:
-        raise IntegrityError(f"{ctx.store.label}/{part['path']}: read back wrong after writing",
+        raise IntegrityError(f"{ctx.store.label}/{part['path']}: what was stored differs from "
+                             "what the source site sent (damaged on the way, or the source file "
+                             "changed during the sync); nothing committed, rerun the sync",
                              problems)
     count_bytes(ctx, len(data))
     return {"path": part["path"], "sha256": part["sha256"], "bytes": len(data),
@@ -318,11 +323,22 @@ def encode_batch(batch, ctx: SourceContext):
         try:
             row = encode_part(ctx, json.loads(spec))
         except HybridRayError as e:
-            row = {"data": None, "error": error_record(e)}
+            row = {"data": b"", "error": error_record(e)}
         data.append(row.pop("data"))
         meta.append(json.dumps(row))
-    return pa.table({"data": pa.array(data, pa.large_binary()),
-                     "meta": pa.array(meta, pa.string())})
+    return pa.table({"data": _binary_column(data), "meta": pa.array(meta, pa.string())})
+
+
+def _binary_column(blobs: list[bytes]):
+    """A ``large_binary`` array over the blobs, copying them once (not once per step)."""
+    import numpy as np
+    import pyarrow as pa
+
+    if len(blobs) == 1:  # the usual case: one part per batch, wrapped without a copy
+        offsets = pa.py_buffer(np.array([0, len(blobs[0])], dtype=np.int64).tobytes())
+        return pa.LargeBinaryArray.from_buffers(pa.large_binary(), 1,
+                                                [None, offsets, pa.py_buffer(blobs[0])])
+    return pa.array(blobs, pa.large_binary())
 
 
 def write_batch(batch, ctx: DestContext):
@@ -332,17 +348,26 @@ def write_batch(batch, ctx: DestContext):
     import pyarrow as pa
 
     out = []
-    for data, meta in zip(batch.column("data").to_pylist(), batch.column("meta").to_pylist(),
-                          strict=True):
+    blobs = batch.column("data").combine_chunks()
+    for i, meta in enumerate(batch.column("meta").to_pylist()):
         part = json.loads(meta)
         if "error" not in part:
-            part["data"] = data
+            part["data"] = _blob(blobs, i)  # a view into the block, not a copy
             try:
                 part = write_part(ctx, part)
             except HybridRayError as e:
                 part = {"error": error_record(e)}
         out.append(json.dumps(part))
     return pa.table({"record": pa.array(out, pa.string())})
+
+
+def _blob(array, i: int):
+    """Row ``i`` of a ``large_binary`` array as a zero-copy ``pyarrow.Buffer``."""
+    import numpy as np
+
+    offsets = np.frombuffer(array.buffers()[1], dtype=np.int64, count=len(array) + 1,
+                            offset=array.offset * 8)
+    return array.buffers()[2][offsets[i]:offsets[i + 1]]
 
 
 def error_record(e: HybridRayError) -> str:

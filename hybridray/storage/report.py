@@ -38,6 +38,7 @@ class SyncResult:
     encrypted: bool = False
     garbage_collected: int = 0
     sites: dict[str, list[str]] = field(default_factory=dict)  # stage -> sites it ran at
+    phases: dict[str, float] = field(default_factory=dict)     # phase -> seconds
 
     @property
     def mb_per_s(self) -> float:

@@ -111,6 +111,9 @@ class _Run:
         self.moved_unaudited = 0
         self.last_audit = time.monotonic()
         self.outcome_recorded = False
+        self.phases: dict[str, float] = {}
+        self._current: str | None = None
+        self._mark = self.started
         if self.src.site == self.dst.site and (
                 self.src.path == self.dst.path or self.dst.path.startswith(self.src.path + "/")
                 or self.src.path.startswith(self.dst.path + "/")):
@@ -119,6 +122,7 @@ class _Run:
     # -- the whole sync -----------------------------------------------------------------------
     def execute(self, *, mask, declared, overwrite: bool, checksum: bool, keep: int,
                 part_bytes: int, cpus: float) -> SyncResult:
+        self._phase("plan")
         spec = masking_mod.load_spec(mask)
         home = getattr(self.cluster.state, "home", None)
         secrets = ClusterSecrets(self.cluster.name, home)
@@ -171,7 +175,9 @@ class _Run:
                                dst_keys)
         if plan.to_probe:
             self._say(f"reading {len(plan.to_probe)} new or changed file(s) at {self.src.site}")
+            self._phase("probe")
             self._probe(src_pl, sctx, source, plan.to_probe)
+            self._phase("plan")
         changed = plan_mod.carry_probed(plan, source, prev, transform, stored)
         plan_mod.check_schemas(source)
         schema = self._output_schema(source, spec, prev, changed)
@@ -182,9 +188,12 @@ class _Run:
             source.files[name], transform, copy_ok=copy_ok, part_bytes=part_bytes)]
 
         planned = {pp.path: pp for pp in todo}
+        self._phase("adopt")
         adopted = self._adopt(dst_pl, dctx, todo, stored, schema.fingerprint)
         todo = [pp for pp in todo if pp.path not in adopted]
+        self._phase("move")
         written = self._move(src_pl, dst_pl, sctx, dctx, todo) if todo else {}
+        self._phase("commit")
 
         new_parts = [Part(path=path, sha256=rec["sha256"], bytes=rec["bytes"],
                           rows=rec["rows"], source=planned[path].source_ref())
@@ -228,6 +237,8 @@ class _Run:
             self._say(f"committed {self.dst} version {committed.version}")
             result.garbage_collected = sum(dst.collect_garbage(keep))
         self._flush_transfers(force=True)
+        self._phase("done")
+        result.phases = {k: round(v, 3) for k, v in self.phases.items()}
         result.seconds = time.perf_counter() - self.started
         result.cost = self.topology.egress_cost(self.src.site, self.dst.site, result.bytes_moved)
         self.cluster.audit.record("sync", **{k: v for k, v in result.to_json().items()
@@ -379,9 +390,11 @@ class _Run:
         with _quiet_ray_data():
             ds = ray.data.from_items(items, override_num_blocks=len(items))
             ds = ds.map_batches(P.encode_batch, batch_size=1, batch_format="pyarrow",
-                                fn_kwargs={"ctx": sctx}, **data_remote_args(src_pl))
+                                fn_kwargs={"ctx": sctx}, concurrency=_slots(src_pl),
+                                **data_remote_args(src_pl))
             ds = ds.map_batches(P.write_batch, batch_size=1, batch_format="pyarrow",
-                                fn_kwargs={"ctx": dctx}, **data_remote_args(dst_pl))
+                                fn_kwargs={"ctx": dctx}, concurrency=_slots(dst_pl),
+                                **data_remote_args(dst_pl))
             batches = ds.iter_batches(batch_size=None, batch_format="pyarrow")
             try:
                 for batch in batches:
@@ -436,6 +449,19 @@ class _Run:
     def _say(self, message: str) -> None:
         self.report("stage", {"message": message})
 
+    def _phase(self, name: str) -> None:
+        """Close the running phase (its seconds go into the result) and start ``name``."""
+        now = time.perf_counter()
+        if self._current is not None:
+            self.phases[self._current] = self.phases.get(self._current, 0.0) + now - self._mark
+        self._current, self._mark = name, now
+
+
+def _slots(placement) -> int:
+    """Tasks of a stage that fit at its site at once (the site's CPUs / CPUs per task)."""
+    c = placement.primary
+    return max(1, min(c.units_free if c.units_free else c.units_max, 64))
+
 
 def _part_size(pp) -> int:
     groups = pp.info.row_groups or []
@@ -468,19 +494,29 @@ def _unwrap(e: BaseException) -> BaseException:
 
 @contextlib.contextmanager
 def _quiet_ray_data():
-    """No Ray Data progress bars or per-dataset log lines: the sync reports its own."""
+    """Ray Data set up for moving parts, restored afterwards.
+
+    No progress bars or per-dataset log lines (the sync reports its own). And the whole
+    object store as Ray Data's budget rather than half: a part is one block of tens of MB,
+    and on nodes with small object stores half of it holds a single part, which would run
+    the pipeline one part at a time. ``concurrency`` per stage still caps the tasks.
+    """
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
-    saved = (ctx.enable_progress_bars, ctx.print_on_execution_start)
+    saved = (ctx.enable_progress_bars, ctx.print_on_execution_start,
+             ctx.override_object_store_memory_limit_fraction)
     logger = logging.getLogger("ray.data")
     level = logger.level
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    if ctx.override_object_store_memory_limit_fraction is None:
+        ctx.override_object_store_memory_limit_fraction = 1.0
     logger.setLevel(logging.ERROR)  # also "progress bars disabled", said once per dataset
     try:
         yield
     finally:
-        ctx.enable_progress_bars, ctx.print_on_execution_start = saved
+        (ctx.enable_progress_bars, ctx.print_on_execution_start,
+         ctx.override_object_store_memory_limit_fraction) = saved
         logger.setLevel(level)
 

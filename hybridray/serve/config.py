@@ -101,7 +101,7 @@ class IngressConfig(_Strict):
 
 class Batching(_Strict):
     max_batch_size: int = Field(32, ge=1, le=4096, description="@serve.batch size.")
-    batch_wait_timeout_s: float = Field(0.005, ge=0, le=10)
+    batch_wait_timeout_s: float = Field(0.002, ge=0, le=10)
 
 
 class ReplicaConfig(_Strict):

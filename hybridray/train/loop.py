@@ -265,7 +265,8 @@ def run_loop(spec: dict[str, Any], session: Session) -> dict[str, Any]:
 
     metrics: dict[str, Any] = {}
     loop_start = window_start = time.perf_counter()
-    window_steps, paused = 0, 0.0      # paused: evaluation time inside the window
+    cpu_start = time.process_time()    # CPU time of this process (all its threads)
+    window_steps, paused, paused_cpu = 0, 0.0, 0.0   # paused: evaluation inside the window
     loss_sum, loss_count = torch.zeros((), device=device), 0
     comm_mark = wan.meter.snapshot()
     for step in range(start_step, t.steps):
@@ -298,14 +299,16 @@ def run_loop(spec: dict[str, Any], session: Session) -> dict[str, Any]:
         log = done % t.log_interval == 0 or done == t.steps
         save = done % t.checkpoint_interval == 0 or done == t.steps
         if done % t.eval_interval == 0 or done == t.steps:
-            began = time.perf_counter()
+            began, began_cpu = time.perf_counter(), time.process_time()
             history.append([done, evaluate()])
             paused += time.perf_counter() - began
+            paused_cpu += time.process_time() - began_cpu
         if not (log or save):
             continue
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - window_start - paused
+        cpu_s = _mean(time.process_time() - cpu_start - paused_cpu, world, device) * world
         comm_now = wan.meter.snapshot()
         tps = window_steps * tokens_per_step / elapsed if elapsed > 0 else 0.0
         metrics = {
@@ -314,13 +317,15 @@ def run_loop(spec: dict[str, Any], session: Session) -> dict[str, Any]:
             "eval_loss": history[-1][1], "eval_step": history[-1][0], "eval_history": history,
             "tokens_per_s": tps, "tokens_seen": tokens_seen,
             "mfu": flops_per_token * tps / peak, "precision": t.precision,
+            # robust to other load on the machine: tokens per CPU-second of the workers
+            "tokens_per_cpu_s": window_steps * tokens_per_step / cpu_s if cpu_s > 0 else 0.0,
             # end to end since this attempt's first step: logging, evals, checkpoints included
             "loop_tokens_per_s": (done - start_step) * tokens_per_step
             / (time.perf_counter() - loop_start),
             **wan.report(comm_now[0] - comm_mark[0], comm_now[1] - comm_mark[1], window_steps),
-            "checkpoint": save,
+            "checkpoint": save, "window_steps": window_steps,
         }
-        window_steps, paused, comm_mark = 0, 0.0, comm_now
+        window_steps, paused, paused_cpu, comm_mark = 0, 0.0, 0.0, comm_now
         loss_sum, loss_count = torch.zeros((), device=device), 0
         if rank == 0 and board is not None:
             board.log.remote({k: v for k, v in metrics.items() if k != "eval_history"})
@@ -333,6 +338,7 @@ def run_loop(spec: dict[str, Any], session: Session) -> dict[str, Any]:
                     "tokens_seen": tokens_seen, "site": site, "rng": rngs})
             session.report(metrics, directory, done)
         window_start = time.perf_counter()   # checkpoint time is not training throughput
+        cpu_start = time.process_time()
     if not metrics:  # resumed at the last step: report once so the run has a result
         metrics = {**common, "step": start_step, "steps": t.steps, "eval_loss": history[-1][1],
                    "eval_history": history, "tokens_seen": tokens_seen}

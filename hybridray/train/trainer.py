@@ -285,12 +285,15 @@ def _audit(cluster: Any, out: TrainResult, plan: RunPlan) -> None:
         if site != data_site and nbytes:
             cluster.audit.transfer(data_site, site, nbytes, topo.egress_cost(
                 data_site, site, nbytes), run=out.name, what="corpus shards")
-    payload = out.wan.get("comm_bytes_per_step_all_ranks") or 0
-    steps = out.steps - (out.attempts[0]["start_step"] if out.attempts else 0) + out.steps_redone
-    edge = ring_edge_bytes(payload, len(out.worker_sites)) * max(steps, 0)
-    for (src, dst), n in cross_site_links(out.worker_sites).items():
-        nbytes = int(edge * n)
-        if nbytes:
-            cluster.audit.transfer(src, dst, nbytes, topo.egress_cost(src, dst, nbytes),
+    # Measured bytes of each log window, spread over the ring edges of that window's sites.
+    per_link: Counter = Counter()
+    for h in out.history:
+        payload = (h.get("comm_bytes_per_step_all_ranks") or 0) * h.get("window_steps", 0)
+        sites = h.get("worker_sites", [])
+        for link, n in cross_site_links(sites).items():
+            per_link[link] += ring_edge_bytes(payload, len(sites)) * n
+    for (src, dst), nbytes in per_link.items():
+        if int(nbytes):
+            cluster.audit.transfer(src, dst, int(nbytes), topo.egress_cost(src, dst, int(nbytes)),
                                    run=out.name, what=f"gradients ({out.wan.get('wan_mode')}, "
                                                        "ring estimate)")

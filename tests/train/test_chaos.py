@@ -22,7 +22,7 @@ from tests.paths import CLUSTERS, ROOT
 pytestmark = [pytest.mark.slow, pytest.mark.chaos]
 
 CHECKPOINT_INTERVAL = 10
-STEPS = 200
+STEPS = 100
 CONFIG = {
     "name": "chaos",
     "data": {"max_files": 24, "shard_files": 12, "output": "onprem:datasets/chaos"},

@@ -18,6 +18,8 @@ from hybridray.train.loop import Session, run_loop
 from hybridray.train.wan import cross_site_bytes, cross_site_links, ring_edge_bytes
 from tests.train.test_loop import spec_for
 
+pytestmark = pytest.mark.slow      # two spawned processes, a Gloo group, five runs
+
 MODES = {
     "fp32": [],
     "bf16": [],

@@ -16,12 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from hybridray.home import hybridray_home  # noqa: F401  (re-exported)
 from hybridray.placement.decision import Placement
-
-
-def hybridray_home(home: str | os.PathLike | None = None) -> Path:
-    """``home`` or ``$HYBRIDRAY_HOME`` or ``~/.hybridray``."""
-    return Path(home or os.environ.get("HYBRIDRAY_HOME") or Path.home() / ".hybridray")
 
 
 def audit_path(cluster: str, home: str | os.PathLike | None = None) -> Path:

@@ -24,15 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from hybridray.exceptions import ClusterError, ClusterNotFound
+from hybridray.home import hybridray_home  # noqa: F401  (re-exported)
 from hybridray.topology.models import NAME_PATTERN, Topology
 
 STATE_VERSION = 1
 _NAME_RE = re.compile(NAME_PATTERN)
-
-
-def hybridray_home(home: str | os.PathLike | None = None) -> Path:
-    """``home`` or ``$HYBRIDRAY_HOME`` or ``~/.hybridray``."""
-    return Path(home or os.environ.get("HYBRIDRAY_HOME") or Path.home() / ".hybridray")
 
 
 def clusters_dir(home: str | os.PathLike | None = None) -> Path:

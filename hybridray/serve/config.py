@@ -7,22 +7,18 @@ is reported as ``file: key.path: message``. Inside the library only these frozen
 
 from __future__ import annotations
 
-import difflib
 import os
-import typing
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
-from hybridray.exceptions import ConfigError
+from hybridray.configfile import read_config_text, safe_yaml, validate_config
 from hybridray.placement.workload import Preference
 from hybridray.topology.models import NAME_HELP, NAME_PATTERN, DataClass
 
@@ -250,104 +246,19 @@ def load_serve_config(path: str | os.PathLike, overrides: list[str] | tuple[str,
     Raises:
         ConfigError: listing every problem as ``file: key.path: message``.
     """
-    label = str(path)
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{label}: no such file; pass a serve file like "
-                          "jobs/configs/serve-embed.yaml")
-    if p.stat().st_size > 1 << 20:
-        raise ConfigError(f"{label}: larger than 1 MiB; serve files are small YAML files")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{label}: cannot read the file as UTF-8 text ({e})") from None
-    return parse_serve_config(text, label=label, overrides=overrides)
+    text = read_config_text(path, kind="serve file", example="jobs/configs/serve-embed.yaml")
+    return parse_serve_config(text, label=str(path), overrides=overrides)
 
 
 def parse_serve_config(text: str, *, label: str = "<string>",
                        overrides: list[str] | tuple[str, ...] = ()) -> ServeConfig:
     """Like ``load_serve_config`` but from YAML text."""
-    from hybridray.topology.loader import apply_override, safe_yaml
-
-    if not text.strip() or all(line.lstrip().startswith("#") or not line.strip()
-                               for line in text.splitlines()):
-        raise ConfigError(f"{label}: the file is empty; a serve file needs name and models")
-    data = safe_yaml(text, label)
-    problems = []
-    for item in overrides:
-        try:
-            apply_override(data, item)
-        except ValueError as e:
-            problems.append(f"{label}: override {item!r}: {e}")
-    if problems:
-        raise ConfigError(problems)
-    return config_from_dict(data, label)
+    data = safe_yaml(text, label, kind="serve file", needs="name and models")
+    return config_from_dict(data, label, overrides)
 
 
-def config_from_dict(data: dict[str, Any], label: str = "<dict>") -> ServeConfig:
+def config_from_dict(data: dict[str, Any], label: str = "<dict>",
+                     overrides: list[str] | tuple[str, ...] = ()) -> ServeConfig:
     """Validate an already parsed serve file (as ``serve run`` arguments arrive)."""
-    try:
-        return ServeConfig.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(_problems(e, label)) from None
-
-
-def _problems(error: ValidationError, label: str) -> list[str]:
-    lines = []
-    errors = error.errors(include_url=False)
-    for err in errors:
-        loc = list(err["loc"])
-        if err["type"] == "too_short" and any(  # a list is "too short" when an item failed
-                len(o["loc"]) > len(loc) and tuple(o["loc"][:len(loc)]) == tuple(loc)
-                for o in errors):
-            continue
-        msg = err["msg"].removeprefix("Value error, ")
-        if msg.startswith("@"):
-            sub, _, msg = msg[1:].partition("@ ")
-            loc.extend(p for p in sub.replace("[", ".[").split(".") if p)
-        if err["type"] == "extra_forbidden":
-            allowed = _allowed(loc[:-1])
-            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            msg = f"unknown key{hint} (allowed here: {', '.join(allowed)})"
-        elif err["type"] == "missing":
-            msg = "missing required key"
-        elif "input" in err and not isinstance(err["input"], (dict, list)) and \
-                err["type"] not in ("value_error", "assertion_error"):
-            msg = f"{msg} (got {err['input']!r})"
-        lines.append(f"{label}: {_loc(loc) or '<root>'}: {msg}")
-    return lines
-
-
-def _loc(loc: list[Any]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int) or (isinstance(part, str) and part.startswith("[")):
-            out += f"[{part}]" if isinstance(part, int) else part
-        else:
-            out += f".{part}" if out else str(part)
-    return out
-
-
-def _allowed(loc: list[Any]) -> list[str]:
-    """Field names of the model found by walking ``loc`` from ``ServeConfig``."""
-    tp: Any = ServeConfig
-    for part in loc:
-        tp = _model_in(tp)
-        if isinstance(tp, type) and issubclass(tp, BaseModel):
-            field = tp.model_fields.get(str(part))
-            tp = field.annotation if field else None
-        else:   # a tuple/list (int index) or a dict (str key): step into its items
-            args = [a for a in typing.get_args(tp) if a is not Ellipsis]
-            tp = args[-1] if args else None
-    tp = _model_in(tp)
-    return list(tp.model_fields) if isinstance(tp, type) and issubclass(tp, BaseModel) else []
-
-
-def _model_in(tp: Any) -> Any:
-    """The BaseModel inside ``X | None`` (or ``tp`` itself)."""
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        return next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)),
-                    args[0] if len(args) == 1 else tp)
-    return tp
+    return validate_config(ServeConfig, data, label=label, overrides=overrides,
+                           name_pattern=NAME_PATTERN, name_help=NAME_HELP)

@@ -1,29 +1,24 @@
 """Load cluster files: safe YAML in, a validated ``Topology`` (or every problem at once) out.
 
-Cluster files come from users and sometimes from strangers, so the loader refuses what a
-plain ``yaml.safe_load`` would let through: duplicate keys (YAML silently keeps the last),
-alias bombs (a few KB that expand to billions of nodes), multi-document files, non-mapping
-documents and huge files. ``key.sub=value`` overrides are applied before validation so
-that an override is checked exactly like the file.
+The reading rules (duplicate keys, alias bombs, multi-document files, overrides, one line per
+problem) are those of every hybridray config file: see ``hybridray.configfile``.
 """
 
 from __future__ import annotations
 
-import difflib
 import os
-import typing
-from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ValidationError
-
-from hybridray.exceptions import ConfigError
+from hybridray.configfile import (  # noqa: F401  (re-exported: the loader's public names)
+    MAX_EXPANDED_NODES,
+    MAX_FILE_BYTES,
+    apply_override,
+    read_config_text,
+    safe_yaml,
+    validate_config,
+)
+from hybridray.configfile import format_validation_error as _format
 from hybridray.topology.models import NAME_HELP, NAME_PATTERN, Topology
-
-MAX_FILE_BYTES = 1 << 20
-MAX_EXPANDED_NODES = 100_000
-_STR_TAG = "tag:yaml.org,2002:str"
 
 
 def load_topology(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Topology:
@@ -36,244 +31,17 @@ def load_topology(path: str | os.PathLike, overrides: list[str] | tuple[str, ...
     Raises:
         ConfigError: listing every problem as ``file: key.path: message``.
     """
-    label = str(path)
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"{label}: no such file; pass a path like clusters/local.yaml")
-    if p.is_dir():
-        raise ConfigError(f"{label}: is a directory; pass a cluster file inside it")
-    size = p.stat().st_size
-    if size > MAX_FILE_BYTES:
-        raise ConfigError(f"{label}: file is {size} bytes; cluster files are limited to "
-                          f"{MAX_FILE_BYTES} bytes")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{label}: cannot read the file as UTF-8 text ({e})") from None
-    return parse_topology(text, label=label, overrides=overrides)
+    text = read_config_text(path, kind="cluster file", example="clusters/local.yaml")
+    return parse_topology(text, label=str(path), overrides=overrides)
 
 
 def parse_topology(text: str, *, label: str = "<string>",
                    overrides: list[str] | tuple[str, ...] = ()) -> Topology:
     """Like ``load_topology`` but from YAML text (``label`` names it in errors)."""
-    data = safe_yaml(text, label)
-    problems: list[str] = []
-    for item in overrides:
-        try:
-            apply_override(data, item)
-        except ValueError as e:
-            problems.append(f"{label}: override {item!r}: {e}")
-    if problems:
-        raise ConfigError(problems)
-    try:
-        return Topology.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e, label)) from None
+    return validate_config(Topology, safe_yaml(text, label), label=label, overrides=overrides,
+                           name_pattern=NAME_PATTERN, name_help=NAME_HELP)
 
 
-def safe_yaml(text: str, label: str) -> dict[str, Any]:
-    """Parse one YAML document into a dict, refusing the hostile and the ambiguous."""
-    try:
-        docs = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        what = getattr(e, "problem", None) or str(e).splitlines()[0]
-        context, start = getattr(e, "context", None), getattr(e, "context_mark", None)
-        if context and start and mark and start.line != mark.line:
-            what += f" ({context} that starts at line {start.line + 1})"
-        raise ConfigError(f"{label}: invalid YAML{where}: {what}") from None
-    docs = [d for d in docs if d is not None]
-    if not docs:
-        raise ConfigError(f"{label}: the file is empty; a cluster file needs name, head and sites")
-    if len(docs) > 1:
-        raise ConfigError(f"{label}: holds {len(docs)} YAML documents; put one cluster per file")
-    root = docs[0]
-    if not isinstance(root, yaml.MappingNode):
-        kind = {"ScalarNode": "a single value", "SequenceNode": "a list"}.get(
-            type(root).__name__, type(root).__name__)
-        raise ConfigError(f"{label}: the document is {kind}; it must be a mapping with keys "
-                          "name, head and sites")
-    _check_nodes(root, label)
-    loader = yaml.SafeLoader("")
-    try:
-        data = loader.construct_document(root)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{label}: invalid YAML: {e}") from None
-    finally:
-        loader.dispose()
-    return data
-
-
-def _check_nodes(root: yaml.Node, label: str) -> None:
-    """Refuse duplicate keys, non-string keys and alias expansion beyond a sane size."""
-    sizes: dict[int, int] = {}
-
-    def expanded(node: yaml.Node, path: str, depth: int) -> int:
-        if depth > 64:
-            raise ConfigError(f"{label}: {path or '<root>'}: nested more than 64 levels deep")
-        key = id(node)
-        if key in sizes:  # an alias: the same node object again
-            if sizes[key] < 0:
-                raise ConfigError(f"{label}: {path or '<root>'}: a YAML alias refers to the value "
-                                  "that contains it (a recursive alias); write the value out")
-            return sizes[key]
-        sizes[key] = -1  # in progress: meeting it again below means a recursive alias
-        total = 1
-        if isinstance(node, yaml.MappingNode):
-            seen: dict[str, int] = {}
-            for k, v in node.value:
-                line = k.start_mark.line + 1
-                if not isinstance(k, yaml.ScalarNode):
-                    raise ConfigError(f"{label}: {path or '<root>'}: keys must be plain strings, "
-                                      f"not a list or mapping (line {line})")
-                if k.value == "<<":
-                    raise ConfigError(f"{label}: {path or '<root>'}: YAML merge keys (<<) are "
-                                      "not supported; write the keys out")
-                if k.tag != _STR_TAG:  # 1, 1.5, yes, ~ as keys load as int, float, bool, None
-                    raise ConfigError(
-                        f"{label}: {_join(path, k.value)}: key is not a string (YAML reads it as "
-                        f"{k.tag.rsplit(':', 1)[-1]}, line {line}); quote it: \"{k.value}\"")
-                if k.value in seen:
-                    raise ConfigError(
-                        f"{label}: {_join(path, k.value)}: duplicate key (lines {seen[k.value]} "
-                        f"and {line}); keep one")
-                seen[k.value] = line
-                total += expanded(v, _join(path, k.value), depth + 1)
-        elif isinstance(node, yaml.SequenceNode):
-            for i, v in enumerate(node.value):
-                total += expanded(v, f"{path}[{i}]", depth + 1)
-        if total > MAX_EXPANDED_NODES:
-            raise ConfigError(f"{label}: {path or '<root>'}: expands to more than "
-                              f"{MAX_EXPANDED_NODES} values through YAML aliases (an alias "
-                              "bomb?); write the file without deep aliases")
-        sizes[key] = total
-        return total
-
-    expanded(root, "", 0)
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-def apply_override(data: dict[str, Any], item: str) -> None:
-    """Apply one ``a.b.0.c=value`` override in place; the value is parsed as a YAML scalar."""
-    if "=" not in item:
-        raise ValueError("expected key.path=value")
-    key, _, raw = item.partition("=")
-    parts = [p for p in key.replace("[", ".").replace("]", "").split(".") if p != ""]
-    if not parts:
-        raise ValueError("empty key path")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    node: Any = data
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        where = ".".join(parts[: i + 1])
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise ValueError(f"{where}: no list item {part!r} (the list has {len(node)})")
-            if last:
-                node[int(part)] = value
-            else:
-                node = node[int(part)]
-        elif isinstance(node, dict):
-            if last:
-                node[part] = value
-            else:
-                node = node.setdefault(part, {})
-        else:
-            raise ValueError(f"{'.'.join(parts[:i])}: is a value, not a mapping or list")
-
-
-def format_validation_error(error: ValidationError, label: str) -> list[str]:
-    """One line per problem: ``file: key.path: message``, with unknown keys and fixes named."""
-    lines = []
-    for err in error.errors(include_url=False):
-        loc = list(err["loc"])
-        msg = err["msg"]
-        if msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
-        if msg.startswith("@"):
-            sub, _, msg = msg[1:].partition("@ ")
-            loc.extend(p for p in sub.replace("[", ".[").split(".") if p)
-        path = _format_loc(loc)
-        etype = err["type"]
-        if etype == "extra_forbidden":
-            allowed = _allowed_keys(loc[:-1])
-            hint = ""
-            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-            if close:
-                hint = f"; did you mean {close[0]!r}?"
-            msg = f"unknown key{hint} (allowed here: {', '.join(allowed)})"
-        elif etype == "missing":
-            msg = "missing required key"
-        elif etype in ("model_type", "model_attributes_type", "dict_type") and not isinstance(
-                err["input"], dict):
-            keys = _allowed_keys(loc)
-            what = f"a mapping with keys {', '.join(keys)}" if keys else "a mapping"
-            msg = f"must be {what} (got {_describe(err['input'])})"
-        elif etype == "too_short":
-            msg = f"must not be empty (needs at least {err['ctx']['min_length']} entry)"
-        elif etype == "list_type" and not isinstance(err["input"], list):
-            msg = f"must be a list (got {_describe(err['input'])})"
-        elif etype == "string_pattern_mismatch" and err.get("ctx", {}).get("pattern") == \
-                NAME_PATTERN:
-            msg = f"must be {NAME_HELP} (got {err['input']!r})"
-        elif "input" in err and etype not in ("value_error", "assertion_error") and not isinstance(
-                err["input"], (dict, list)):
-            msg = f"{msg} (got {err['input']!r})"
-        lines.append(f"{label}: {path or '<root>'}: {msg}")
-    return lines
-
-
-def _describe(value: Any) -> str:
-    if value is None:
-        return "nothing: the key has no value"
-    if isinstance(value, (list, dict)):
-        return "a list" if isinstance(value, list) else "a mapping"
-    kind = {str: "a string", bool: "a boolean", int: "a number", float: "a number"}.get(
-        type(value), type(value).__name__)
-    return f"{kind} {value!r}"
-
-
-def _format_loc(loc: list[Any]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif isinstance(part, str) and part.startswith("["):
-            out += part
-        else:
-            out += f".{part}" if out else str(part)
-    return out
-
-
-def _allowed_keys(loc: list[Any]) -> list[str]:
-    """The field names of the model found at ``loc`` (walking dicts and lists)."""
-    tp: Any = Topology
-    for part in loc:
-        tp = _strip_optional(tp)
-        if isinstance(tp, type) and issubclass(tp, BaseModel):
-            field = tp.model_fields.get(str(part))
-            if field is None:
-                return []
-            tp = field.annotation
-        else:
-            args = typing.get_args(tp)
-            tp = args[-1] if args else None
-    tp = _strip_optional(tp)
-    if isinstance(tp, type) and issubclass(tp, BaseModel):
-        return list(tp.model_fields)
-    return []
-
-
-def _strip_optional(tp: Any) -> Any:
-    args = typing.get_args(tp)
-    if args and type(None) in args:
-        rest = [a for a in args if a is not type(None)]
-        return rest[0] if len(rest) == 1 else tp
-    return tp
+def format_validation_error(error: Any, label: str) -> list[str]:
+    """A topology's validation error, one ``file: key.path: message`` line per problem."""
+    return _format(error, label, Topology, name_pattern=NAME_PATTERN, name_help=NAME_HELP)

@@ -10,18 +10,14 @@ from __future__ import annotations
 
 import difflib
 import os
-import typing
-from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from hybridray.exceptions import ConfigError
+from hybridray.configfile import read_config_text, safe_yaml, validate_config
 from hybridray.placement.workload import Preference
-from hybridray.topology.loader import apply_override, safe_yaml
 from hybridray.topology.models import NAME_HELP, NAME_PATTERN, DataClass
 
-MAX_FILE_BYTES = 1 << 20
 # Sizes are repeated here (not imported from model.py) so loading a config never imports torch.
 SIZES = ("tiny", "small", "medium", "gpt2-124m")
 WAN_MODES = ("fp32", "bf16", "fp16", "powersgd", "localsgd", "diloco")
@@ -217,78 +213,21 @@ def load_train_config(path: str | os.PathLike, overrides: list[str] | tuple[str,
     Raises:
         ConfigError: every problem, as ``file: key.path: message``.
     """
-    label = str(path)
-    p = Path(path)
-    if not p.is_file():
-        what = "is a directory" if p.is_dir() else "no such file"
-        raise ConfigError(f"{label}: {what}; pass a train config like configs/train/tiny.yaml")
-    if p.stat().st_size > MAX_FILE_BYTES:
-        raise ConfigError(f"{label}: larger than {MAX_FILE_BYTES} bytes; not a train config")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{label}: cannot read the file as UTF-8 text ({e})") from None
-    return parse_train_config(text, label=label, overrides=overrides)
+    text = read_config_text(path, kind="train config", example="configs/train/tiny.yaml")
+    return parse_train_config(text, label=str(path), overrides=overrides)
 
 
 def parse_train_config(text: str, *, label: str = "<string>",
                        overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Like ``load_train_config`` but from YAML text (``label`` names it in errors)."""
-    data: dict[str, Any] = safe_yaml(text, label) if text.strip() else {}
+    data = safe_yaml(text, label, kind="train config", needs="name", allow_empty=True)
     return config_from_dict(data, label=label, overrides=overrides)
 
 
 def config_from_dict(data: dict[str, Any], *, label: str = "<config>",
                      overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Validate a plain dict (after applying overrides) into a ``TrainConfig``."""
-    import copy
-
-    data = copy.deepcopy(data)
-    problems = []
-    for item in overrides:
-        try:
-            apply_override(data, item)
-        except ValueError as e:
-            problems.append(f"{label}: override {item!r}: {e}")
-    if problems:
-        raise ConfigError(problems)
-    try:
-        return TrainConfig.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(format_errors(e, label)) from None
+    return validate_config(TrainConfig, data, label=label, overrides=overrides,
+                           name_pattern=NAME_PATTERN, name_help=NAME_HELP)
 
 
-def format_errors(error: ValidationError, label: str) -> list[str]:
-    """One line per problem: ``file: key.path: message`` with unknown keys' neighbours named."""
-    lines = []
-    for err in error.errors(include_url=False):
-        loc = [str(x) for x in err["loc"] if not str(x).startswith(("tuple[", "int"))]
-        msg = err["msg"].removeprefix("Value error, ")
-        if msg.startswith("@"):
-            sub, _, msg = msg[1:].partition("@ ")
-            loc = [*loc, *sub.split(".")]
-        if err["type"] == "extra_forbidden":
-            allowed = _fields_at(loc[:-1])
-            close = difflib.get_close_matches(loc[-1], allowed, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            msg = f"unknown key{hint} (allowed here: {', '.join(allowed)})"
-        elif err["type"] == "missing":
-            msg = "missing required key"
-        elif "input" in err and err["type"] not in ("value_error",) and not isinstance(
-                err["input"], (dict, list)):
-            msg = f"{msg} (got {err['input']!r})"
-        lines.append(f"{label}: {'.'.join(loc) or '<root>'}: {msg}")
-    return list(dict.fromkeys(lines))
-
-
-def _fields_at(loc: list[str]) -> list[str]:
-    model: Any = TrainConfig
-    for part in loc:
-        field = model.model_fields.get(part) if isinstance(model, type) else None
-        if field is None:
-            return []
-        model = field.annotation
-    if isinstance(model, type) and issubclass(model, BaseModel):
-        return list(model.model_fields)
-    args = [a for a in typing.get_args(model) if isinstance(a, type) and issubclass(a, BaseModel)]
-    return list(args[0].model_fields) if args else []

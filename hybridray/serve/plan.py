@@ -221,29 +221,17 @@ def _source(model: ModelConfig, version: VersionConfig, topology: Topology):
 
 
 def _latest(reader):
-    """The checkpoint itself, or the newest complete ``checkpoint_*`` in a run directory."""
-    import pyarrow.fs as pafs
-
-    from hybridray.train.checkpoint import CheckpointReader
+    """The checkpoint itself, or the newest complete checkpoint in a run directory."""
+    from hybridray.train.checkpoint import complete_checkpoints
 
     try:
         reader.check_complete()
         return reader
     except Exception as first:
-        try:
-            infos = reader.fs.get_file_info(pafs.FileSelector(reader.path))
-        except OSError:
+        newest = next(complete_checkpoints(reader.fs, reader.path), None)
+        if newest is None:
             raise first from None
-        runs = sorted((i.path for i in infos if i.type == pafs.FileType.Directory
-                       and i.base_name.startswith("checkpoint_")), reverse=True)
-        for path in runs:
-            candidate = CheckpointReader(path, reader.fs)
-            try:
-                candidate.check_complete()
-                return candidate
-            except Exception:
-                continue
-        raise first from None
+        return newest
 
 
 def _workload(config: ServeConfig, model: ModelConfig, name: str, cls: DataClass, *,

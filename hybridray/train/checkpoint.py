@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,28 @@ class CheckpointReader:
 
 
 ALL_FILES = (MODEL_FILE, CONFIG_FILE, OPTIMIZER_FILE, STATE_FILE, META_FILE)
+# Training writes checkpoint-00000040 (loop.py); Ray Train's own default is checkpoint_000001.
+CHECKPOINT_PREFIXES = ("checkpoint-", "checkpoint_")
+
+
+def complete_checkpoints(fs: Any, run_dir: str) -> Iterator[CheckpointReader]:
+    """The complete checkpoints of a run directory, newest first (by name: the step number
+    is zero-padded). A checkpoint whose upload was cut short is skipped."""
+    import pyarrow.fs as pafs
+
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True))
+    except OSError:
+        return
+    dirs = sorted((i.path for i in infos if i.type == pafs.FileType.Directory
+                   and i.base_name.startswith(CHECKPOINT_PREFIXES)), reverse=True)
+    for path in dirs:
+        reader = CheckpointReader(path, fs)
+        try:
+            reader.check_complete()
+        except TrainError:
+            continue
+        yield reader
 
 
 # ---- writing ------------------------------------------------------------------------------

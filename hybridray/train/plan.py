@@ -130,22 +130,9 @@ def _vet_resume(fs: Any, run_dir: str, model_config: Any, data_class: DataClass
                 ) -> int | None:
     """The step a resumed run continues from (None: fresh), after checking its checkpoint
     fits this run: same model shape, a class no higher than this run's."""
-    import pyarrow.fs as pafs
-
     from hybridray.train import checkpoint as ckpt
 
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True))
-    except OSError:
-        return None
-    dirs = sorted((i.path for i in infos if i.type == pafs.FileType.Directory
-                   and i.base_name.startswith("checkpoint-")), reverse=True)
-    for path in dirs:
-        reader = ckpt.CheckpointReader(path, fs)
-        try:
-            reader.check_complete()
-        except TrainError:
-            continue      # a checkpoint whose upload was cut short; Ray never registered it
+    for reader in ckpt.complete_checkpoints(fs, run_dir):
         meta, have, state = ckpt.inspect_checkpoint(reader)
         ckpt.check_same_shape(have, model_config, reader)
         if DataClass(meta["data_class"]) > data_class:

@@ -113,6 +113,26 @@ models:
     assert ok.replicas[0].spec["source"].endswith("checkpoint_000001")
 
 
+def test_a_training_run_directory_serves_its_newest_complete_checkpoint(tmp_path):
+    """Laid out as hybridray train writes it: checkpoint-<step>, the newest cut short."""
+    from tests.serve.checkpoints import make_checkpoint
+
+    run = tmp_path / "run"
+    make_checkpoint(run / "checkpoint-00000010", steps=1)
+    make_checkpoint(run / "checkpoint-00000020", steps=1)
+    (run / "checkpoint-00000020" / "model.safetensors").unlink()   # an upload cut short
+    text = f"""
+name: lm
+models:
+  - name: gpt
+    kind: completion
+    source: {run}
+    sites: {{onprem: {{}}}}
+"""
+    plan = plan_service(parse_serve_config(text), local_topology())
+    assert plan.replicas[0].spec["source"].endswith("/checkpoint-00000010")
+
+
 def test_a_serve_file_may_raise_a_model_class_but_never_lower_it(lm_checkpoint):
     text = f"""
 name: lm

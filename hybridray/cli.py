@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "serve",
     "train",
     "demo",
+    "metrics",   # the Prometheus exporter
 ]
 
 

@@ -62,10 +62,13 @@ class DataSection(_Strict):
 
     source: str = Field(
         "stdlib", description="stdlib (the Python standard library's .py files), an absolute "
-                              "directory on the data site's nodes, or SITE:PATH of text files "
-                              "in site storage.")
+                              "directory on the data site's nodes, SITE:PATH of text files "
+                              "in site storage, or dataset:SITE:PATH, the committed version "
+                              "of a dataset written by hybridray sync (one document per row).")
     include: list[str] = Field(["*.py"], min_length=1,
                                description="Glob patterns of file names to take.")
+    text_column: str = Field("text", min_length=1,
+                             description="With dataset:SITE:PATH, the string column to train on.")
     data_class: DataClass = Field(
         DataClass.restricted, description="Class of the corpus; checkpoints inherit it.")
     output: str = Field("onprem:datasets/stdlib-bytes",

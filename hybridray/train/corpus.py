@@ -67,7 +67,11 @@ class CorpusManifest:
 
 
 def source_spec(source: str, topology: Topology) -> dict[str, str]:
-    """``{"kind": "stdlib"|"dir"|"site", "root": ..., "site": ...}`` for ``data.source``."""
+    """``{"kind": "stdlib"|"dir"|"site"|"dataset", "root": ..., "site": ...}`` for
+    ``data.source``."""
+    if source.startswith("dataset:"):
+        addr = parse_address(source.removeprefix("dataset:"), topology)
+        return {"kind": "dataset", "site": addr.site, "root": addr.path}
     if source == "stdlib":
         return {"kind": "stdlib", "root": sysconfig.get_paths()["stdlib"]}
     if source.startswith("/"):
@@ -76,7 +80,8 @@ def source_spec(source: str, topology: Topology) -> dict[str, str]:
         addr = parse_address(source, topology)
         return {"kind": "site", "site": addr.site, "root": addr.path}
     raise TrainError(f"data.source {source!r}: use stdlib, an absolute directory on the data "
-                     "site's nodes, or SITE:PATH of text files in site storage")
+                     "site's nodes, SITE:PATH of text files in site storage, or "
+                     "dataset:SITE:PATH of a dataset written by hybridray sync")
 
 
 # ---- driver side --------------------------------------------------------------------------
@@ -109,7 +114,7 @@ def prepare_corpus(data: Any, topology: Topology, *, cluster: Any = None, name: 
             rule="residency", fix="write the shards to a site allowed for "
             f"{cls.value}: {', '.join(topology.sites_by_class[cls]) or 'none'}")
     src = source_spec(data.source, topology)
-    if src["kind"] == "site" and src["site"] != out.site:
+    if src["kind"] in ("site", "dataset") and src["site"] != out.site:
         raise TrainError(f"data.source {data.source}: prepare text at the site that will hold "
                          f"the shards ({out.site}); sync it there first")
     fs, base = out.resolve(topology)
@@ -132,6 +137,9 @@ def prepare_corpus(data: Any, topology: Topology, *, cluster: Any = None, name: 
     placement.raise_if_refused()
     opts = C.data_remote_args(placement)
     topo_json = topology.model_dump(mode="json")
+    if src["kind"] == "dataset":
+        return _prepare_from_dataset(data, src, out, cls, existing, topology, cluster, opts,
+                                     progress)
 
     files = ray.get(ray.remote(_list_files).options(**opts).remote(
         src, list(data.include), cls.value, topo_json))
@@ -170,6 +178,78 @@ def prepare_corpus(data: Any, topology: Topology, *, cluster: Any = None, name: 
         "splits": {split: {"files": sum(1 for r in rows if r["split"] == split),
                            "tokens": sum(s["tokens"][split] for s in shards)}
                    for split in ("train", "val")},
+        "shards": [{k: v for k, v in s.items() if k != "site"} | {"path": f"{shard_dir}/"
+                   + s["path"]} for s in shards],
+    }
+    _commit_manifest(fs, base, manifest)
+    return CorpusManifest(out, manifest)
+
+
+def _prepare_from_dataset(data: Any, src: dict[str, str], out: DatasetAddress, cls: DataClass,
+                          existing: dict[str, Any] | None, topology: Topology, cluster: Any,
+                          opts: dict[str, Any], progress: bool) -> CorpusManifest:
+    """Token shards from the committed version of a hybridray dataset, one document per row.
+
+    Only what the dataset's manifest commits is read (never staged parts of a sync in
+    flight); its class is the floor of the corpus's class; rows are read and tokenized by Ray
+    Data at the site, and a row goes to evaluation by a hash of its text.
+    """
+    import ray
+
+    from hybridray.storage.readers import open_dataset
+
+    fs, base = out.resolve(topology)
+    address = data.source.removeprefix("dataset:")
+    ds = open_dataset(address, cluster=cluster, topology=None if cluster else topology)
+    if ds.manifest.data_class > cls:
+        raise TrainError(f"data.source {data.source}: the dataset is {ds.data_class}, above "
+                         f"data.data_class={cls.value}; set data.data_class={ds.data_class} "
+                         "(a class is never lowered by relabelling)")
+    names = ds.schema.names
+    if data.text_column not in names:
+        raise TrainError(f"data.source {data.source}: no column {data.text_column!r}; set "
+                         f"data.text_column to one of {', '.join(names)}")
+    if ds.rows < 2:
+        raise TrainError(f"data.source {data.source}: {ds.rows} row; a corpus needs at least "
+                         "two (one held out for evaluation)")
+    options = {"text_column": data.text_column, "val_fraction": data.val_fraction,
+               "shard_files": data.shard_files, "tokenizer": "bytes", "format": FORMAT}
+    parts = [p.sha256 for p in ds.manifest.parts]
+    fingerprint = hashlib.sha256(json.dumps([src, options, parts], sort_keys=True)
+                                 .encode()).hexdigest()
+    if existing is not None and data.prepare == "auto" and \
+            existing.get("fingerprint") == fingerprint and existing.get("data_class") == cls.value:
+        return CorpusManifest(out, existing)
+
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = progress
+    remote = {k: v for k, v in opts.items() if k not in ("num_cpus", "num_gpus")}
+    shard_dir = f"shards-{fingerprint[:12]}-{uuid.uuid4().hex[:8]}"
+    rows = ds.to_ray(**opts).map_batches(
+        _tokenize_rows, fn_kwargs={"column": data.text_column, "data_class": cls.value,
+                                   "val_fraction": data.val_fraction},
+        batch_size=data.shard_files, batch_format="pyarrow",
+        num_cpus=opts.get("num_cpus", 1), **remote)
+    rows.write_parquet(f"{base}/{shard_dir}", filesystem=fs, ray_remote_args=opts,
+                       min_rows_per_file=data.shard_files, compression="zstd")
+    shards = ray.get(ray.remote(_hash_shards).options(**opts).remote(
+        out.site, f"{base}/{shard_dir}", cls.value, topology.model_dump(mode="json")))
+    splits = {split: {"files": sum(s["rows"] for s in shards),
+                      "tokens": sum(s["tokens"][split] for s in shards)}
+              for split in ("train", "val")}
+    for split in ("train", "val"):
+        if not splits[split]["tokens"]:
+            raise TrainError(f"data.source {data.source}: no rows fell in the {split} split "
+                             f"of {ds.rows}; adjust data.val_fraction")
+    manifest = {
+        "format": FORMAT, "kind": "hybridray.token-shards", "tokenizer": "bytes",
+        "eot": 256, "dtype": "uint16", "data_class": cls.value, "site": out.site,
+        "source": data.source, "source_root": src["root"], "fingerprint": fingerprint,
+        "source_version": ds.version, "options": options,
+        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "prepared_at_sites": sorted({s["site"] for s in shards}),
+        "splits": splits,
         "shards": [{k: v for k, v in s.items() if k != "site"} | {"path": f"{shard_dir}/"
                    + s["path"]} for s in shards],
     }
@@ -306,6 +386,30 @@ def _tokenize(batch, src: dict[str, str], data_class: str, topology: dict):
                      "n_tokens": pa.array(counts, pa.int64()),
                      "tokens": pa.array(tokens, pa.large_binary()),
                      "site": [site] * len(paths)})
+
+
+def _tokenize_rows(batch, column: str, data_class: str, val_fraction: float):
+    """Ray Data stage: each row's text becomes one document of byte tokens."""
+    import pyarrow as pa
+
+    from hybridray.placement.guard import check_residency
+
+    site = check_residency(data_class)
+    texts = batch.column(column).to_pylist()
+    splits, paths, tokens, counts = [], [], [], []
+    for text in texts:
+        raw = text if isinstance(text, bytes) else str(text or "").encode()
+        digest = hashlib.sha256(raw).hexdigest()
+        splits.append("val" if int(digest[:8], 16) / 0xFFFFFFFF < val_fraction else "train")
+        paths.append(f"row-{digest[:12]}")
+        arr = np.empty(len(raw) + 1, dtype=TOKEN_DTYPE)
+        arr[:-1] = np.frombuffer(raw, dtype=np.uint8)
+        arr[-1] = 256
+        tokens.append(arr.tobytes())
+        counts.append(len(arr))
+    return pa.table({"split": splits, "path": paths, "n_tokens": pa.array(counts, pa.int64()),
+                     "tokens": pa.array(tokens, pa.large_binary()),
+                     "site": [site] * len(texts)})
 
 
 def _hash_shards(site_name: str, directory: str, data_class: str,

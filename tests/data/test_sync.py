@@ -338,3 +338,41 @@ def test_raw_value_left_by_the_rules_fails_the_sync(s3_cluster, onprem_root, nam
     with pytest.raises(MaskingError, match=r"column 'body' holds what looks like"):
         sync_dataset(f"onprem:{name}", f"cloud-a:{name}", cluster=s3_cluster, mask=leaky)
     assert store_of(s3_cluster, f"cloud-a:{name}").size(CURRENT) is None
+
+
+def test_a_synced_dataset_trains_at_its_destination_from_the_committed_version_only(
+        s3_cluster, onprem_root, name):
+    """dataset:SITE:PATH as a training corpus: the masked copy at cloud-a, tokenized there."""
+    from hybridray.exceptions import TrainError
+    from hybridray.train.config import DataSection
+    from hybridray.train.corpus import load_tokens, prepare_corpus
+
+    rows = write_tickets(onprem_root / name, files=2, rows=50)
+    result = sync_dataset(f"onprem:{name}", f"cloud-a:{name}", cluster=s3_cluster, mask=MASK)
+    sink = pa.BufferOutputStream()        # a staged part no manifest names (a cut sync)
+    pq.write_table(tickets(30, start=10_000), sink)
+    store_of(s3_cluster, f"cloud-a:{name}").put("_parts/zz-stray.parquet",
+                                                sink.getvalue().to_pybytes())
+
+    data = DataSection(source=f"dataset:cloud-a:{name}", text_column="body",
+                       data_class="confidential", output=f"cloud-a:{name}-tokens",
+                       shard_files=40, val_fraction=0.2)
+    m = prepare_corpus(data, s3_cluster.topology, cluster=s3_cluster, name="from-dataset")
+    assert m.site == "cloud-a" and m.data["prepared_at_sites"] == ["cloud-a"]
+    assert m.data["source_version"] == result.version
+    assert all(s["tokenized_at"] == ["cloud-a"] for s in m.data["shards"])
+    assert sum(s["rows"] for s in m.data["shards"]) == rows      # committed rows, no stray
+    tokens, _ = load_tokens(m.data, str(m.address), s3_cluster.topology)
+    assert (tokens["train"] == 256).sum() + (tokens["val"] == 256).sum() == rows
+    text = bytes(tokens["train"][tokens["train"] < 256].astype("u1"))
+    assert b"ticket " in text and b"[EMAIL]" in text     # the masked text was trained on
+    assert b"@corp.example.org" not in text and b"ticket 10000" not in text
+
+    with pytest.raises(TrainError, match="above data.data_class=internal"):
+        prepare_corpus(data.model_copy(update={"data_class": "internal",
+                                               "output": f"cloud-a:{name}-low"}),
+                       s3_cluster.topology, cluster=s3_cluster)
+    with pytest.raises(TrainError, match="no column 'text'; set data.text_column to one of"):
+        prepare_corpus(data.model_copy(update={"text_column": "text",
+                                               "output": f"cloud-a:{name}-x"}),
+                       s3_cluster.topology, cluster=s3_cluster)

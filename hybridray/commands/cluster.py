@@ -3,6 +3,7 @@
     hybridray up clusters/local.yaml                      # head + one node per pool, by site
     hybridray up clusters/onprem-aws.yaml --simulate      # any topology, as small local nodes
     hybridray status local                                # sites, nodes, CPUs, price per hour
+    hybridray status local --watch                        # live: + work, bytes, cost so far
     eval "$(hybridray env local)"; ray job submit -- python jobs/x.py
     hybridray down local
 """
@@ -52,6 +53,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", help="show clusters, or one cluster's sites, nodes and cost")
     p.add_argument("name", nargs="?", help="a cluster name (default: list every cluster)")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p.add_argument("--watch", action="store_true",
+                   help="a live view of one cluster: sites, nodes, utilisation, trainings, "
+                        "services, syncs, bytes between sites, cost rate (Ctrl-C to stop)")
+    p.add_argument("--interval", type=float, default=2.0,
+                   help="seconds between refreshes with --watch (default 2)")
+    p.add_argument("--count", type=int, default=None,
+                   help="with --watch: stop after this many refreshes")
     p.set_defaults(func=run_status)
 
     p = sub.add_parser("env", help="print the shell exports that point Ray at a cluster",
@@ -127,6 +135,13 @@ def run_down(args: argparse.Namespace) -> int:
 
 
 def run_status(args: argparse.Namespace) -> int:
+    if args.watch:
+        from hybridray.commands.watch import watch
+
+        if args.name is None or args.json:
+            raise ConfigError("--watch shows one cluster live: hybridray status NAME --watch "
+                              "(without --json)")
+        return watch(args.name, interval=args.interval, count=args.count)
     if args.name is None:
         rows = cluster.cluster_summaries()
         if args.json:

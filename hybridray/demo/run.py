@@ -69,8 +69,8 @@ def run_demo(cluster_file: str | os.PathLike = CLUSTER_FILE, *, name: str = "dem
 
     import hybridray
     from hybridray import cluster as lifecycle
-    from hybridray.home import hybridray_home
     from hybridray.demo import serving
+    from hybridray.home import hybridray_home
     from hybridray.report import write_report
 
     home = Path(hybridray_home(home)).expanduser().absolute()

@@ -92,7 +92,8 @@ def serving(facts: dict[str, Any], path: Path) -> Path | None:
         if kill is not None:
             ax.axvline(kill, color="#e53e3e", linestyle="--", linewidth=1)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="upper left")
     if kill is not None:
         ax1.annotate(f"{(s.get('killed') or {}).get('site')} node killed", (kill, 1),
                      xycoords=("data", "axes fraction"), va="top", fontsize=8, color="#e53e3e")

@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "train",
     "demo",
     "metrics",   # the Prometheus exporter
+    "deploy",    # render, certs, submit
 ]
 
 

@@ -15,7 +15,9 @@ Hierarchy::
     ├── DataError                   a dataset cannot be read, moved or committed as asked
     │   ├── IntegrityError          stored bytes, rows or schema differ from the manifest
     │   └── MaskingError            masking rules are invalid, or raw values survived them
-    └── TrainError                  a training run's model, data, checkpoint or storage is unusable
+    ├── TrainError                  a training run's model, data, checkpoint or storage is unusable
+    └── DeployError                 deployment files cannot be rendered as asked
+        └── CertificateError        a TLS certificate, key or CA is missing or does not match
 """
 
 from __future__ import annotations
@@ -84,6 +86,17 @@ class PlanInfeasible(HybridRayError):
 class TrainError(HybridRayError):
     """A training run cannot start or go on: an unknown model size, an unreadable or mismatched
     checkpoint or dataset (the message names the file), a storage root that cannot be written."""
+
+
+class DeployError(HybridRayError):
+    """``hybridray render`` cannot produce a site's files (an unsupported provider, a missing
+    region, project or namespace: the message names the key and the fix). Nothing is written
+    when it is raised."""
+
+
+class CertificateError(DeployError):
+    """A TLS certificate, key or CA is missing, unreadable, expired, or does not match the
+    cluster's CA; the message names the file and how to issue a matching one."""
 
 
 class DataError(HybridRayError):

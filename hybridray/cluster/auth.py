@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+TLS_VARS = ("RAY_USE_TLS", "RAY_TLS_SERVER_CERT", "RAY_TLS_SERVER_KEY", "RAY_TLS_CA_CERT")
 
 
 def write_token(path: Path) -> None:
@@ -30,7 +31,7 @@ def auth_env(token_path: str | os.PathLike) -> dict[str, str]:
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)}
 
 
-def _sync_ray_auth() -> None:
+def _sync_ray_auth(reload_config: bool = False) -> None:
     """Make Ray's cached auth mode and token follow the environment as it is now.
 
     Ray reads ``RAY_AUTH_MODE`` once into its config; when the variable is unset the mode is
@@ -45,19 +46,26 @@ def _sync_ray_auth() -> None:
     )
 
     mode = os.environ.get("RAY_AUTH_MODE")
-    if mode is not None and (mode.lower() == "token") != (
-            get_authentication_mode() == AuthenticationMode.TOKEN):
+    if reload_config or (mode is not None and (mode.lower() == "token") != (
+            get_authentication_mode() == AuthenticationMode.TOKEN)):
         Config.initialize("")  # re-reads RAY_AUTH_MODE from the environment
     AuthenticationTokenLoader.instance().reset_cache()
 
 
 @contextlib.contextmanager
-def token_auth(token_path: str | os.PathLike) -> Iterator[None]:
-    """Within the block, this process's Ray clients present the token at ``token_path``."""
-    saved = {k: os.environ.get(k) for k in AUTH_VARS}
+def token_auth(token_path: str | os.PathLike,
+               tls: dict[str, str] | None = None) -> Iterator[None]:
+    """Within the block, this process's Ray clients present the token at ``token_path``
+    (and, with ``tls``, the cluster's TLS certificate: Ray reads those variables into its
+    config once, so the config is reloaded on the way in and out)."""
+    saved = {k: os.environ.get(k) for k in (*AUTH_VARS, *TLS_VARS)}
     os.environ.pop("RAY_AUTH_TOKEN", None)  # it would win over the path
     os.environ.update(auth_env(token_path))
-    _sync_ray_auth()
+    reload = bool(tls) or bool(saved["RAY_USE_TLS"])
+    for k in TLS_VARS:
+        os.environ.pop(k, None)
+    os.environ.update(tls or {})
+    _sync_ray_auth(reload)
     try:
         yield
     finally:
@@ -66,7 +74,7 @@ def token_auth(token_path: str | os.PathLike) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        _sync_ray_auth()
+        _sync_ray_auth(reload)
 
 
 def apply_env(env: dict[str, str]) -> None:
@@ -76,7 +84,11 @@ def apply_env(env: dict[str, str]) -> None:
     process that switches clusters (a test, a notebook) must call this instead of a bare
     ``os.environ.update``; the first connection of a fresh process works either way.
     """
+    tls_before = os.environ.get("RAY_USE_TLS")
+    if "RAY_AUTH_TOKEN_PATH" in env:
+        for k in TLS_VARS:  # a cluster without TLS must not inherit the last one's
+            os.environ.pop(k, None)
     os.environ.update(env)
     if "RAY_AUTH_TOKEN_PATH" in env:
         os.environ.pop("RAY_AUTH_TOKEN", None)  # it would win over the path
-    _sync_ray_auth()
+    _sync_ray_auth(reload_config=tls_before != os.environ.get("RAY_USE_TLS"))

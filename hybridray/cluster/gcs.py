@@ -38,10 +38,10 @@ def _hex(node_id: Any) -> str:
 class GcsView:
     """A GCS client authenticated with one cluster's token; use as a context manager."""
 
-    def __init__(self, address: str, token_path: str):
+    def __init__(self, address: str, token_path: str, tls: dict[str, str] | None = None):
         self.address = address
         self.token_path = token_path
-        self._auth = token_auth(token_path)
+        self._auth = token_auth(token_path, tls)
         self._client: Any = None
 
     def __enter__(self) -> GcsView:

@@ -48,7 +48,8 @@ def up(topology: Topology, *, source_file: str | os.PathLike | None = None,
        overrides: list[str] | tuple[str, ...] = (), simulate: bool = False,
        dashboard: bool = True, home: str | os.PathLike | None = None,
        port: int | None = None, dashboard_port: int | None = None,
-       timeout: float = UP_TIMEOUT_S, progress: Progress | None = None) -> ClusterState:
+       timeout: float = UP_TIMEOUT_S, progress: Progress | None = None,
+       tls: bool | dict[str, str] = False) -> ClusterState:
     """Start ``topology`` as a real Ray cluster of local processes and record it.
 
     Args:
@@ -63,6 +64,10 @@ def up(topology: Topology, *, source_file: str | os.PathLike | None = None,
         port, dashboard_port: pin the GCS or dashboard port instead of picking free ones.
         timeout: seconds each node may take, from its launch, to register with the GCS.
         progress: called with one line per node as it comes up.
+        tls: run Ray's gRPC TLS: ``True`` makes a cluster CA and a certificate for this
+            machine in the state directory; a dict gives ``RAY_TLS_SERVER_CERT``,
+            ``RAY_TLS_SERVER_KEY`` and ``RAY_TLS_CA_CERT`` from ``hybridray certs``, checked
+            (key matches certificate, certificate signed by the CA) before anything starts.
 
     Returns:
         The recorded state, every node alive and registered.
@@ -79,6 +84,7 @@ def up(topology: Topology, *, source_file: str | os.PathLike | None = None,
     home_path = hybridray_home(home).expanduser().absolute()
     temp_dir = _ray_temp_dir(name, home_path, len(specs) * MAX_ATTEMPTS)
     _check_socket_paths(temp_dir, len(specs) * MAX_ATTEMPTS)
+    given_tls = _given_tls(tls) if isinstance(tls, dict) else {}  # checked before any change
     with cluster_lock(name, home_path):
         _clear_stale(name, home_path)
         check_pinned({"--port": port, "--dashboard-port": dashboard_port})
@@ -89,6 +95,10 @@ def up(topology: Topology, *, source_file: str | os.PathLike | None = None,
             write_token(token_path)
         except OSError as e:
             raise ClusterError(f"cannot prepare {state_dir} and {temp_dir}: {e}") from None
+        if tls is True:  # a CA of its own, in the state directory, gone at down
+            from hybridray.deploy.certs import local_cert
+
+            given_tls = local_cert(state_dir / "tls", name, _node_ip()).env()
         pinned = {p for p in (port, dashboard_port) if p is not None}
         picked = iter(free_ports(5, exclude=pinned))
         ports = {"gcs": port or next(picked), "dashboard": dashboard_port or next(picked),
@@ -100,7 +110,7 @@ def up(topology: Topology, *, source_file: str | os.PathLike | None = None,
             simulate=simulate,
             source_file=str(Path(source_file).absolute()) if source_file else None,
             overrides=list(overrides), topology_snapshot=topology.model_dump(mode="json"),
-            created_at=now_iso())
+            created_at=now_iso(), tls=given_tls)
         save_state(state)
         try:
             emulator.start_for(state, topology, simulate=simulate, say=say)  # cloud storage
@@ -215,6 +225,17 @@ def _prepare_dirs(state_dir: Path, temp_dir: str) -> None:
     os.mkdir(temp_dir, 0o700)
 
 
+def _given_tls(tls: dict[str, str]) -> dict[str, str]:
+    """The TLS variables for certificates the caller gives, once they are known to match."""
+    from hybridray.deploy.certs import NodeCert, check_node_cert
+
+    node = NodeCert(cert=Path(tls["RAY_TLS_SERVER_CERT"]), key=Path(tls["RAY_TLS_SERVER_KEY"]),
+                    ca=Path(tls["RAY_TLS_CA_CERT"]))
+    check_node_cert(node, _node_ip())
+    return {k: v if k == "RAY_USE_TLS" else str(Path(v).absolute())
+            for k, v in node.env().items()}
+
+
 def _clear_stale(name: str, home: Path) -> None:
     """Refuse if ``name`` is running; forget it if every recorded process is gone."""
     try:
@@ -287,6 +308,7 @@ def _remove_runtime(state: ClusterState) -> None:
     for path in (state.state_dir / "state.json", Path(state.token_path)):
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+    shutil.rmtree(state.state_dir / "tls", ignore_errors=True)  # a CA made by up --tls
     temp = state.temp_dir
     if temp.startswith("/tmp/hr-") and os.path.isdir(temp) and not os.path.islink(temp):
         shutil.rmtree(temp, ignore_errors=True)

@@ -59,31 +59,42 @@ def plan_nodes(topology: Topology, *, simulate: bool = False) -> list[NodeSpec]:
                 f"and {', '.join(remote)} {'is' if len(remote) == 1 else 'are'} not local. "
                 "Use hybridray render for real sites, or hybridray up FILE --simulate to run "
                 "every site as local processes")
+    specs = [head_spec(topology, simulate=simulate)]
+    for site_name, site in topology.sites.items():
+        for pool in site.pools:
+            specs += [pool_spec(topology, site_name, pool, i, simulate=simulate)
+                      for i in range(_node_count(pool, simulate))]
+    return specs
+
+
+def head_spec(topology: Topology, *, simulate: bool = False) -> NodeSpec:
+    """The head node: ``head.cpus`` logical CPUs at ``head.site``, labelled ``role=head``."""
     head = topology.head
-    specs = [NodeSpec(
+    return NodeSpec(
         key="head", site=head.site, pool=None, role="head", index=0,
         cpus=_whole_cpus(head.cpus, "head.cpus", simulate),
         gpus=0, memory_bytes=None,
         object_store_bytes=_object_store_mb(head.object_store_mb, simulate) * 2**20,
         labels={**node_labels(topology, head.site, None, role="head"), NODE: "head"},
         resources=node_resources(head.site, None),
-    )]
-    for site_name, site in topology.sites.items():
-        for p, pool in enumerate(site.pools):
-            where = f"sites.{site_name}.pools[{p}]"
-            for i in range(_node_count(pool, simulate)):
-                key = f"{site_name}.{pool.name}.{i}"
-                specs.append(NodeSpec(
-                    key=key, site=site_name, pool=pool.name, role="worker", index=i,
-                    cpus=_whole_cpus(pool.cpus, f"{where}.cpus", simulate),
-                    gpus=pool.gpus,
-                    memory_bytes=int(pool.memory_gb * 2**30),
-                    object_store_bytes=_object_store_mb(pool.object_store_mb, simulate) * 2**20,
-                    labels={**node_labels(topology, site_name, pool, role="worker"), NODE: key},
-                    resources=node_resources(site_name, pool),
-                    price_per_hour=pool.price_per_node_hour,
-                ))
-    return specs
+    )
+
+
+def pool_spec(topology: Topology, site_name: str, pool: NodePool, index: int, *,
+              simulate: bool = False) -> NodeSpec:
+    """Node ``index`` of ``pool`` at ``site_name``: its labels, resources and sizes."""
+    p = topology.sites[site_name].pools.index(pool)
+    key = f"{site_name}.{pool.name}.{index}"
+    return NodeSpec(
+        key=key, site=site_name, pool=pool.name, role="worker", index=index,
+        cpus=_whole_cpus(pool.cpus, f"sites.{site_name}.pools[{p}].cpus", simulate),
+        gpus=pool.gpus,
+        memory_bytes=int(pool.memory_gb * 2**30),
+        object_store_bytes=_object_store_mb(pool.object_store_mb, simulate) * 2**20,
+        labels={**node_labels(topology, site_name, pool, role="worker"), NODE: key},
+        resources=node_resources(site_name, pool),
+        price_per_hour=pool.price_per_node_hour,
+    )
 
 
 def _node_count(pool: NodePool, simulate: bool) -> int:
@@ -105,6 +116,18 @@ def _object_store_mb(mb: int, simulate: bool) -> int:
     return min(mb, SIMULATE_OBJECT_STORE_MB) if simulate else mb
 
 
+def node_args(spec: NodeSpec) -> list[str]:
+    """What a node declares to Ray (CPUs, GPUs, memory, object store, labels, resources) as
+    ``ray start`` arguments: shared by local nodes and every rendered deployment file."""
+    args = ["--num-cpus", str(spec.cpus), "--num-gpus", str(spec.gpus),
+            "--object-store-memory", str(spec.object_store_bytes),
+            "--labels", labels_arg(spec.labels),
+            "--resources", json.dumps(spec.resources, separators=(",", ":"))]
+    if spec.memory_bytes is not None:
+        args += ["--memory", str(spec.memory_bytes)]
+    return args
+
+
 def ray_start_args(spec: NodeSpec, *, temp_dir: str, gcs_address: str | None,
                    ports: dict[str, int], agent_port: int, dashboard: bool = True) -> list[str]:
     """``ray start`` arguments (after ``ray start``) for one node.
@@ -113,14 +136,8 @@ def ray_start_args(spec: NodeSpec, *, temp_dir: str, gcs_address: str | None,
     ``agent_port`` this node's dashboard agent port: Ray's defaults (6379, 8265, 10001,
     52365) would collide between two clusters, or two nodes, on one machine.
     """
-    args = ["--block", "--disable-usage-stats", "--temp-dir", temp_dir,
-            "--num-cpus", str(spec.cpus), "--num-gpus", str(spec.gpus),
-            "--object-store-memory", str(spec.object_store_bytes),
-            "--labels", labels_arg(spec.labels),
-            "--resources", json.dumps(spec.resources, separators=(",", ":")),
+    args = ["--block", "--disable-usage-stats", "--temp-dir", temp_dir, *node_args(spec),
             "--dashboard-agent-listen-port", str(agent_port)]
-    if spec.memory_bytes is not None:
-        args += ["--memory", str(spec.memory_bytes)]
     if spec.role == "head":
         args += ["--head", "--port", str(ports["gcs"]),
                  "--ray-client-server-port", str(ports["client_server"]),

@@ -22,7 +22,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from pathlib import Path
 
-from hybridray.cluster.auth import auth_env
+from hybridray.cluster.auth import TLS_VARS, auth_env
 from hybridray.cluster.gcs import GcsView
 from hybridray.cluster.plan import NodeSpec, ray_start_args
 from hybridray.cluster.ports import free_ports
@@ -73,7 +73,7 @@ class Startup:
         self._wait_for_gcs()
         queue = deque(workers)
         pending: dict[str, NodeSpec] = {head.key: head}   # launched, not yet registered
-        with GcsView(self.state.address, self.state.token_path) as gcs:
+        with GcsView(self.state.address, self.state.token_path, self.state.tls) as gcs:
             while True:
                 while (queue and head.key not in pending
                        and len(pending) < self.window):
@@ -235,8 +235,9 @@ def _ray_command() -> list[str]:
 
 def _child_env(state: ClusterState, role: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN")}
+           if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", *TLS_VARS)}
     env.update(auth_env(state.token_path))
+    env.update(state.tls)  # Ray's gRPC TLS, when the cluster runs with it
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     # Job entrypoints (`ray job submit -- python x.py`) run with the node's PATH: make `python`
     # the interpreter hybridray runs in, which has Ray and hybridray, not whatever is first.

@@ -159,6 +159,7 @@ class ClusterState:
     created_at: str = ""
     nodes: list[NodeRecord] = field(default_factory=list)
     services: dict[str, dict[str, Any]] = field(default_factory=dict)  # e.g. the S3 server
+    tls: dict[str, str] = field(default_factory=dict)  # RAY_USE_TLS + paths, when TLS is on
     version: int = STATE_VERSION
 
     @property

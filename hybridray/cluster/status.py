@@ -27,6 +27,7 @@ def ray_env(state: ClusterState) -> dict[str, str]:
            "HYBRIDRAY_CLUSTER": state.name, "HYBRIDRAY_HOME": state.home}
     if state.dashboard_url:
         env["RAY_API_SERVER_ADDRESS"] = state.dashboard_url
+    env.update(state.tls)  # RAY_USE_TLS and the certificate every driver must present
     return env
 
 
@@ -48,7 +49,7 @@ def status(name: str, *, home: str | os.PathLike | None = None) -> dict[str, Any
     seen: list[GcsNode] = []
     if state.head.leader_alive():
         try:
-            with GcsView(state.address, state.token_path) as view:
+            with GcsView(state.address, state.token_path, state.tls) as view:
                 seen = view.nodes(timeout=5)
             gcs["reachable"] = True
         except Exception as e:  # report it; liveness then rests on the processes alone

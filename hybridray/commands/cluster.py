@@ -42,6 +42,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dashboard-port", type=int, help="dashboard port (default: a free one)")
     p.add_argument("--timeout", type=float, default=60.0,
                    help="seconds each node may take to register (default: 60)")
+    p.add_argument("--tls", action="store_true",
+                   help="run Ray's gRPC TLS (mutual): a CA and a certificate for this machine "
+                        "are made in the cluster's state directory, unless --tls-cert, "
+                        "--tls-key and --tls-ca give ones from hybridray certs")
+    p.add_argument("--tls-cert", help="this machine's certificate (with --tls)")
+    p.add_argument("--tls-key", help="its key (with --tls)")
+    p.add_argument("--tls-ca", help="the cluster CA certificate that signed it (with --tls)")
     p.set_defaults(func=run_up)
 
     p = sub.add_parser("down", help="stop a cluster started by hybridray up",
@@ -83,6 +90,7 @@ def run_up(args: argparse.Namespace) -> int:
         raise ConfigError("give exactly one cluster file, e.g. hybridray up clusters/local.yaml")
     topology = load_topology(files[0], overrides)
     nodes = plan_nodes(topology, simulate=args.simulate)  # refuses non-local sites up front
+    tls = _tls_option(args)
     print(f"starting cluster {topology.name!r}: {len(nodes)} nodes at {len(topology.sites)} "
           f"sites{' (simulated)' if args.simulate else ''}", flush=True)
     started = time.monotonic()
@@ -92,7 +100,7 @@ def run_up(args: argparse.Namespace) -> int:
         state = cluster.up(topology, source_file=files[0], overrides=overrides,
                            simulate=args.simulate, dashboard=args.dashboard, port=args.port,
                            dashboard_port=args.dashboard_port, timeout=args.timeout,
-                           progress=lambda line: print(line, flush=True))
+                           progress=lambda line: print(line, flush=True), tls=tls)
     finally:
         signal.signal(signal.SIGTERM, previous)
     print(f"cluster {state.name!r} is up in {time.monotonic() - started:.1f}s "
@@ -100,6 +108,16 @@ def run_up(args: argparse.Namespace) -> int:
     print(f"connect a shell:  eval \"$(hybridray env {state.name})\"")
     _print_env(state)
     return 0
+
+
+def _tls_option(args: argparse.Namespace) -> bool | dict[str, str]:
+    files = {"RAY_TLS_SERVER_CERT": args.tls_cert, "RAY_TLS_SERVER_KEY": args.tls_key,
+             "RAY_TLS_CA_CERT": args.tls_ca}
+    given = [k for k, v in files.items() if v]
+    if given and (len(given) < 3 or not args.tls):
+        raise ConfigError("give --tls with all three of --tls-cert, --tls-key and --tls-ca "
+                          "(from hybridray certs), or --tls alone for a CA of the cluster's own")
+    return files if given else bool(args.tls)
 
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:

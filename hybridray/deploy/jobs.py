@@ -1,0 +1,103 @@
+"""Submit a job whose driver (the entrypoint) runs where the placement policy says.
+
+The policy decides (``decide`` with ``kind="job"``), the compiler turns the decision into
+``entrypoint_label_selector`` (``job_submit_kwargs``), the decision is written to the audit
+log, and Ray's Jobs API starts the entrypoint on a node that matches. With ``wait``, the job
+record's driver node is looked up afterwards, so the caller sees where it really ran.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from hybridray.exceptions import ClusterError, ConfigError
+
+
+@dataclass
+class Submitted:
+    job_id: str
+    site: str                 # the site the policy chose first
+    status: str               # Ray's JobStatus name, or PENDING without wait
+    ran_at: str | None = None  # the site of the node that ran the entrypoint (with wait)
+
+
+def submit(cluster: str, entrypoint: list[str], *, site: str | None = None,
+           data_classes: list[str] | tuple[str, ...] = (), prefer: str | None = None,
+           cpus: float = 0.0, working_dir: str | None = ".", wait: bool = True,
+           timeout: float = 600.0, home: str | None = None,
+           say: Callable[[str], None] = lambda line: None) -> Submitted:
+    """Place and submit ``entrypoint`` on running cluster ``cluster``.
+
+    Raises:
+        PlacementRefused: no site may run it (the audit log records the refusal).
+        ClusterError: the cluster runs without a dashboard (no Jobs API), or the job did
+            not finish within ``timeout``.
+    """
+    import shlex
+
+    from pydantic import ValidationError
+
+    from hybridray.audit import AuditLog
+    from hybridray.cluster import apply_env, load_state, ray_env
+    from hybridray.placement import Workload, decide, job_submit_kwargs
+
+    state = load_state(cluster, home=home)
+    if not state.dashboard_url:
+        raise ClusterError(f"cluster {cluster!r} runs without a dashboard, so it has no Jobs "
+                           "API; bring it up again without --no-dashboard")
+    topology = state.topology()
+    fields = {"name": f"job:{entrypoint[-1]}"[:64], "kind": "job", "cpus": cpus,
+              "data_classes": tuple(data_classes), "site": site}
+    if prefer or site:
+        fields["preference"] = prefer or "site"
+    try:
+        workload = Workload(**fields)
+    except ValidationError as e:
+        raise ConfigError([f"submit: {'.'.join(map(str, err['loc']))}: {err['msg']}"
+                           for err in e.errors(include_url=False)]) from None
+    placement = decide(topology, workload)
+    AuditLog.for_cluster(topology.name, home).placement(placement, cluster=topology.name,
+                                                        source="submit")
+    placement.raise_if_refused()
+    kwargs = job_submit_kwargs(placement)
+    apply_env(ray_env(state))
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(state.dashboard_url)
+    runtime_env = {"working_dir": working_dir} if working_dir else None
+    job_id = client.submit_job(entrypoint=shlex.join(entrypoint), runtime_env=runtime_env,
+                               **kwargs)
+    chosen = placement.candidates[0].site
+    say(f"submitted {job_id}: entrypoint placed at {chosen} "
+        f"(selector {kwargs['entrypoint_label_selector']})")
+    result = Submitted(job_id=job_id, site=chosen, status="PENDING")
+    if not wait:
+        return result
+    deadline = time.monotonic() + timeout
+    done = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED)
+    status = client.get_job_status(job_id)
+    while status not in done:
+        if time.monotonic() > deadline:
+            raise ClusterError(f"job {job_id} still {status.name} after {timeout:.0f}s; "
+                               f"follow it with: ray job logs -f {job_id}")
+        time.sleep(1)
+        status = client.get_job_status(job_id)
+    result.status = status.name
+    result.ran_at = _driver_site(client.get_job_info(job_id).driver_node_id, state)
+    say(client.get_job_logs(job_id).rstrip())
+    say(f"job {job_id} {status.name}; its entrypoint ran at site {result.ran_at}")
+    return result
+
+
+def _driver_site(node_id: str | None, state) -> str | None:
+    from hybridray.cluster.gcs import GcsView
+
+    if not node_id:
+        return None
+    with GcsView(state.address, state.token_path, state.tls) as gcs:
+        for node in gcs.nodes():
+            if node.node_id == node_id:
+                return node.labels.get("hybridray.io/site")
+    return None

@@ -1,0 +1,223 @@
+"""The ``ray up`` cluster-launcher file for a site whose VMs Ray's autoscaler creates.
+
+One class per provider, registered by name: each knows its own ``provider:`` block and how
+a pool becomes a ``node_config`` (instance type, spot market, accelerators). Everything else
+(labels, resources, min/max workers, the start commands with token auth and TLS) is shared.
+
+Where the head runs decides how the file is used:
+
+* head at this site: ``ray up ray-up.yaml`` launches the head here and scales the pools;
+* head elsewhere (an on-prem machine): the head runs ``ray start --head
+  --autoscaling-config ray-up.yaml`` and its autoscaler launches this site's pools, which
+  join it over the private link. The ``head`` node type then stands for that machine and is
+  never launched (``max_workers: 0``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from hybridray.deploy import network
+from hybridray.deploy.common import (
+    RenderOptions,
+    declared_args,
+    etc_dir,
+    head_node,
+    int_resources,
+    node_env,
+    pool_node,
+)
+from hybridray.exceptions import DeployError
+from hybridray.topology.models import NodePool, Site, Topology
+
+HEAD_TYPE = "head"
+NODE_CERT_SCRIPT = "node-cert.sh"
+
+
+class CloudProvider:
+    """A VM provider Ray's cluster launcher supports."""
+
+    name: ClassVar[str]
+    default_head_instance: ClassVar[str]
+
+    def __init__(self, topology: Topology, site_name: str, options: RenderOptions):
+        self.topology = topology
+        self.site_name = site_name
+        self.site: Site = topology.sites[site_name]
+        self.options = options
+
+    def provider(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def node_config(self, pool: NodePool | None, where: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _instance_type(self, pool: NodePool | None, where: str) -> str:
+        if pool is None:
+            return self.default_head_instance
+        if not pool.instance_type:
+            raise DeployError(f"{where}.instance_type: every {self.name} pool needs an instance "
+                              f"type for ray up; set it (e.g. instance_type: "
+                              f"{self.default_head_instance})")
+        return pool.instance_type
+
+
+class Aws(CloudProvider):
+    name = "aws"
+    default_head_instance = "m7i.2xlarge"
+
+    def provider(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": "aws", "region": self.site.region,
+                               "use_internal_ips": True, "cache_stopped_nodes": False}
+        if self.site.zone:
+            out["availability_zone"] = self.site.zone
+        return out
+
+    def node_config(self, pool, where):
+        config: dict[str, Any] = {"InstanceType": self._instance_type(pool, where)}
+        if pool is not None and pool.spot:
+            config["InstanceMarketOptions"] = {"MarketType": "spot"}
+        return config
+
+
+GCP_ACCELERATORS = {"A100": "nvidia-tesla-a100", "A100-80GB": "nvidia-a100-80gb",
+                    "H100": "nvidia-h100-80gb", "L4": "nvidia-l4", "T4": "nvidia-tesla-t4",
+                    "V100": "nvidia-tesla-v100"}
+
+
+class Gcp(CloudProvider):
+    name = "gcp"
+    default_head_instance = "n2-standard-8"
+
+    def provider(self) -> dict[str, Any]:
+        if not self.options.gcp_project:
+            raise DeployError(f"sites.{self.site_name}: provider gcp needs a GCP project id, "
+                              "which cluster files do not hold; pass --gcp-project PROJECT")
+        return {"type": "gcp", "region": self.site.region,
+                "availability_zone": self.site.zone or f"{self.site.region}-a",
+                "project_id": self.options.gcp_project, "use_internal_ips": True}
+
+    def node_config(self, pool, where):
+        config: dict[str, Any] = {
+            "machineType": self._instance_type(pool, where),
+            "disks": [{"boot": True, "autoDelete": True, "type": "PERSISTENT",
+                       "initializeParams": {"diskSizeGb": 200, "sourceImage":
+                                            "projects/deeplearning-platform-release/global/"
+                                            "images/family/common-cpu"}}]}
+        if pool is not None and pool.gpus:
+            acc = GCP_ACCELERATORS.get(pool.accelerator or "")
+            if acc is None:
+                raise DeployError(
+                    f"{where}.accelerator: no GCP accelerator type known for "
+                    f"{pool.accelerator!r}; use one of {', '.join(GCP_ACCELERATORS)}")
+            config["guestAccelerators"] = [{"acceleratorType": acc,
+                                            "acceleratorCount": pool.gpus}]
+            config["scheduling"] = [{"onHostMaintenance": "TERMINATE"}]
+        if pool is not None and pool.spot:
+            config.setdefault("scheduling", []).append({"preemptible": True})
+        return config
+
+
+PROVIDERS: dict[str, type[CloudProvider]] = {"aws": Aws, "gcp": Gcp}
+
+
+def ray_up_config(topology: Topology, site_name: str, options: RenderOptions) -> dict[str, Any]:
+    """The cluster-launcher config (a dict ready for YAML) for cloud site ``site_name``."""
+    site = topology.sites[site_name]
+    cls = PROVIDERS.get(site.provider.value)
+    if cls is None:
+        raise DeployError(f"sites.{site_name}.provider: hybridray render cannot produce "
+                          f"{site.provider.value} files yet (it renders aws and gcp for "
+                          "ray up, static hosts and kubernetes); write that site's node "
+                          "types by hand (docs/deploy.md), or run it on Kubernetes")
+    cloud = cls(topology, site_name, options)
+    provider = cloud.provider()  # a missing project or region is said first
+    head_here = topology.head.site == site_name
+    head = head_node(topology)
+    types: dict[str, Any] = {HEAD_TYPE: {
+        "node_config": cloud.node_config(None, "head") if head_here else {},
+        "resources": {"CPU": head.cpus, **int_resources(head, "head")},
+        "labels": head.labels,
+        "min_workers": 0, "max_workers": 0}}
+    max_workers = 0
+    for p, pool in enumerate(site.pools):
+        where = f"sites.{site_name}.pools[{p}]"
+        if pool.name == HEAD_TYPE:
+            raise DeployError(f"{where}.name: 'head' is the ray up file's head node type; "
+                              "rename the pool")
+        spec = pool_node(topology, site_name, pool)
+        labels = {k: v for k, v in spec.labels.items() if k != "hybridray.io/node"}
+        resources = {"CPU": spec.cpus, **({"GPU": spec.gpus} if spec.gpus else {}),
+                     "memory": spec.memory_bytes, "object_store_memory": spec.object_store_bytes,
+                     **int_resources(spec, where)}
+        types[pool.name] = {"node_config": cloud.node_config(pool, where),
+                            "resources": resources, "labels": labels,
+                            "min_workers": pool.min_nodes, "max_workers": pool.max_nodes}
+        max_workers += pool.max_nodes
+    etc = etc_dir(topology)
+    mounts = {f"{etc}/token": f"{options.secrets_dir}/token"}
+    if options.tls:
+        mounts[f"{etc}/tls/ca.crt"] = f"{options.secrets_dir}/ca.crt"
+        mounts[f"{etc}/tls/ca.key"] = f"{options.secrets_dir}/ca.key"
+        mounts[f"{etc}/{NODE_CERT_SCRIPT}"] = NODE_CERT_SCRIPT
+    exports = " ".join(f"{k}={v}" for k, v in node_env(topology, options).items())
+    setup = [f"pip install -q 'ray[default]=={options.version()}'",
+             f"sudo chown -R $USER {etc} && chmod 600 {etc}/token"]
+    if options.tls:
+        setup.append(f"bash {etc}/{NODE_CERT_SCRIPT} {etc}/tls")
+    worker_args = " ".join(network.ray_start_port_args(head=False))
+    head_args = " ".join(a if " " not in a else repr(a) for a in
+                         ["--head", *network.ray_start_port_args(head=True),
+                          "--autoscaling-config=~/ray_bootstrap_config.yaml"])
+    return {
+        "cluster_name": f"{topology.name}-{site_name}",
+        "max_workers": max_workers,
+        "upscaling_speed": 1.0,
+        "idle_timeout_minutes": 10,
+        "provider": provider,
+        "auth": {"ssh_user": "ubuntu"},
+        "available_node_types": types,
+        "head_node_type": HEAD_TYPE,
+        "file_mounts": mounts,
+        "setup_commands": setup,
+        "head_start_ray_commands": ["ray stop",
+                                    f"ulimit -n 65536; {exports} ray start {head_args} "
+                                    f"{' '.join(_quoted(declared_args(head)))}"],
+        "worker_start_ray_commands": ["ray stop",
+                                      f"ulimit -n 65536; {exports} ray start "
+                                      f"--address=$RAY_HEAD_IP:{network.GCS} {worker_args}"],
+    }
+
+
+def _quoted(args: list[str]) -> list[str]:
+    import shlex
+
+    return [shlex.quote(a) for a in args]
+
+
+def validate_ray_up(config: dict[str, Any]) -> None:
+    """Check ``config`` with Ray's own cluster-launcher validation (its shipped schema plus
+    the cross-field checks ``ray up`` runs), so a file that ``ray up`` would refuse is never
+    written."""
+    import contextlib
+    import copy
+    import io
+    import json
+    import os
+
+    import jsonschema
+    import ray.autoscaler
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    schema_path = os.path.join(os.path.dirname(ray.autoscaler.__file__), "ray-schema.json")
+    with open(schema_path) as f:
+        schema = json.load(f)
+    try:
+        jsonschema.validate(config, schema)                  # the file as written
+        # as ray up reads it (its printed advice on file mounts is noise here)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            validate_config(prepare_config(copy.deepcopy(config)))
+    except Exception as e:  # jsonschema's ValidationError, Ray's ValueError/RuntimeError
+        raise DeployError(f"the rendered ray up file for {config.get('cluster_name')!r} does "
+                          f"not pass Ray's schema: {str(e).splitlines()[0]}; this is a "
+                          "hybridray bug, please report it with the cluster file") from None

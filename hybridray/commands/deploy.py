@@ -2,7 +2,7 @@
 
     hybridray certs clusters/onprem-aws.yaml --out secrets/ --head-address 10.0.0.5
     hybridray render clusters/onprem-aws.yaml --out build/onprem-aws/ --head-address 10.0.0.5
-    hybridray submit local --site cloud-b -- python jobs/where.py
+    hybridray submit --cluster local --site cloud-b -- python jobs/where.py
 """
 
 from __future__ import annotations
@@ -52,8 +52,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "submit", help="submit a job whose driver runs where the placement policy says",
         description="Decide where a job's entrypoint may run (site, data classes) and submit "
                     "it with Ray's entrypoint_label_selector; the decision is audited. "
-                    "Example: hybridray submit local --site cloud-b -- python jobs/x.py")
-    s.add_argument("cluster", metavar="NAME", help="a cluster started by hybridray up")
+                    "Example: hybridray submit --cluster local --site cloud-b -- python x.py")
+    s.add_argument("--cluster", metavar="NAME", default=os.environ.get("HYBRIDRAY_CLUSTER"),
+                   help="a cluster started by hybridray up (default: $HYBRIDRAY_CLUSTER, "
+                        "set by hybridray env)")
     s.add_argument("--site", help="run the entrypoint at this site")
     s.add_argument("--data-class", action="append", default=[], dest="data_classes",
                    metavar="CLASS", help="a data class the job touches (repeatable)")
@@ -63,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--no-wait", dest="wait", action="store_false",
                    help="return once submitted")
     s.add_argument("--timeout", type=float, default=600.0, help="seconds to wait")
-    s.add_argument("entrypoint", nargs=argparse.REMAINDER,
+    s.add_argument("entrypoint", nargs=argparse.REMAINDER, metavar="-- COMMAND",
                    help="-- then the command, e.g. -- python jobs/train.py")
     s.set_defaults(func=run_submit)
 
@@ -109,9 +111,12 @@ def run_submit(args: argparse.Namespace) -> int:
     entry = [a for a in args.entrypoint]
     if entry and entry[0] == "--":
         entry = entry[1:]
-    if not entry:
-        raise ConfigError("give the entrypoint after --, e.g. "
-                          "hybridray submit local --site cloud-b -- python jobs/x.py")
+    if not entry or entry[0].startswith("-"):
+        raise ConfigError("give the options first and the entrypoint after --, e.g. "
+                          "hybridray submit --cluster local --site cloud-b -- python jobs/x.py")
+    if not args.cluster:
+        raise ConfigError("name the cluster: --cluster NAME (or eval \"$(hybridray env NAME)\" "
+                          "first, which sets HYBRIDRAY_CLUSTER)")
     result = submit(args.cluster, entry, site=args.site, data_classes=args.data_classes,
                     prefer=args.prefer, cpus=args.cpus, working_dir=args.working_dir,
                     wait=args.wait, timeout=args.timeout, say=print)

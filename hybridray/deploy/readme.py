@@ -99,7 +99,12 @@ def readme(topology: Topology, options: RenderOptions, out: Rendered) -> str:
         if site != head_site and head_provider not in (Provider.static, Provider.local):
             lines.append(f"- `{site}`: launched by the head's autoscaler from `{path}`.")
     lines += ["", "## 3. Check", "", "```bash",
-              "export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=./secrets/token",
+              f"export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={options.secrets_dir}/token",
+              *(["# TLS: a certificate for this machine (hybridray certs ... --host ADMIN_IP)",
+                 f"export RAY_USE_TLS=1 RAY_TLS_CA_CERT={options.secrets_dir}/ca.crt "
+                 f"RAY_TLS_SERVER_CERT={options.secrets_dir}/nodes/ADMIN_IP.crt "
+                 f"RAY_TLS_SERVER_KEY={options.secrets_dir}/nodes/ADMIN_IP.key"]
+                if options.tls else []),
               "ray status --address HEAD_HOST:6379   # every site's nodes, with labels",
               "ray job submit --address http://HEAD_HOST:8265 -- python -c "
               "'import ray; ray.init(); print(ray.nodes())'",

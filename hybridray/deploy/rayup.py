@@ -154,17 +154,22 @@ def ray_up_config(topology: Topology, site_name: str, options: RenderOptions) ->
                             "resources": resources, "labels": labels,
                             "min_workers": pool.min_nodes, "max_workers": pool.max_nodes}
         max_workers += pool.max_nodes
-    etc = etc_dir(topology)
-    mounts = {f"{etc}/token": f"{options.secrets_dir}/token"}
+    # ray up copies file_mounts as the SSH user, so on VMs the files live in its home, not
+    # under /etc/hybridray as on hosts; the start commands run in a shell that expands $HOME.
+    mount_dir = f"~/hybridray/{topology.name}"
+    home_dir = f"$HOME/hybridray/{topology.name}"
+    mounts = {f"{mount_dir}/token": f"{options.secrets_dir}/token"}
     if options.tls:
-        mounts[f"{etc}/tls/ca.crt"] = f"{options.secrets_dir}/ca.crt"
-        mounts[f"{etc}/tls/ca.key"] = f"{options.secrets_dir}/ca.key"
-        mounts[f"{etc}/{NODE_CERT_SCRIPT}"] = NODE_CERT_SCRIPT
-    exports = " ".join(f"{k}={v}" for k, v in node_env(topology, options).items())
+        mounts[f"{mount_dir}/tls/ca.crt"] = f"{options.secrets_dir}/ca.crt"
+        mounts[f"{mount_dir}/tls/ca.key"] = f"{options.secrets_dir}/ca.key"
+        mounts[f"{mount_dir}/{NODE_CERT_SCRIPT}"] = NODE_CERT_SCRIPT
+    etc = str(etc_dir(topology))
+    exports = " ".join(f"{k}={v.replace(etc, home_dir)}"
+                       for k, v in node_env(topology, options).items())
     setup = [f"pip install -q 'ray[default]=={options.version()}'",
-             f"sudo chown -R $USER {etc} && chmod 600 {etc}/token"]
+             f"chmod 700 {home_dir} && chmod 600 {home_dir}/token"]
     if options.tls:
-        setup.append(f"bash {etc}/{NODE_CERT_SCRIPT} {etc}/tls")
+        setup.append(f"bash {home_dir}/{NODE_CERT_SCRIPT} {home_dir}/tls")
     worker_args = " ".join(network.ray_start_port_args(head=False))
     head_args = " ".join(a if " " not in a else repr(a) for a in
                          ["--head", *network.ray_start_port_args(head=True),

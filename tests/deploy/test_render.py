@@ -117,7 +117,10 @@ def test_no_rendered_file_contains_a_secret(tmp_path):
     for rel, text in rendered.files.items():
         assert token not in text and "PRIVATE KEY" not in text and ca_key not in text, rel
     mounts = yaml.safe_load(rendered.files["aws/ray-up.yaml"])["file_mounts"]
-    assert mounts["/etc/hybridray/onprem-aws/token"] == f"{tmp_path}/secrets/token"
+    assert mounts["~/hybridray/onprem-aws/token"] == f"{tmp_path}/secrets/token"
+    start = yaml.safe_load(rendered.files["aws/ray-up.yaml"])["worker_start_ray_commands"][-1]
+    assert "RAY_AUTH_TOKEN_PATH=$HOME/hybridray/onprem-aws/token" in start
+    assert "RAY_TLS_CA_CERT=$HOME/hybridray/onprem-aws/tls/ca.crt" in start
 
 
 def test_a_script_refuses_to_start_without_its_token_or_head(tmp_path):

@@ -327,6 +327,8 @@ def _teardown(n: Narrator, name: str, home: Path, state, facts: dict) -> None:
 
     with n.step("7. down: stop every process the demo started",
                 spinner="stopping Serve, the driver and every node ..."):
+        timings: dict[str, float] = {}
+        t = time.monotonic()
         try:
             from ray import serve
 
@@ -334,16 +336,20 @@ def _teardown(n: Narrator, name: str, home: Path, state, facts: dict) -> None:
                 serve.shutdown()
         except Exception as e:  # the cluster goes down anyway
             n.say(f"serve shutdown: {type(e).__name__}: {e}")
+        timings["serve_shutdown_s"] = round(time.monotonic() - t, 1)
         if ray.is_initialized():
             ray.shutdown()
+        facts["teardown"] = timings
         if state is None:
             facts["processes"] = {"recorded": [], "left": []}
             return
+        t = time.monotonic()
         try:
             stopped = lifecycle.down(name, home=home)
         except Exception as e:
             n.say(f"down failed: {type(e).__name__}: {e}")
             stopped = []
+        timings["down_s"] = round(time.monotonic() - t, 1)
         facts["down_at"] = n.now()
         # every process the demo started or saw start: node leaders, the S3 server, and
         # every process of the node it killed; (pid, start time) so a reused pid never counts

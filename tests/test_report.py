@@ -70,3 +70,14 @@ def test_report_files_bytes_audit_and_restricted_work(tmp_path):
 def test_restricted_work_names_a_cloud_site_if_one_was_used():
     f = {"training": {"data_class": "restricted", "worker_sites": ["onprem", "cloud-a"]}}
     assert F.restricted_work(f, [])["sites"] == ["cloud-a", "onprem"]
+
+
+def test_a_demo_that_stopped_early_still_gets_a_report_that_says_so(tmp_path):
+    partial = {"name": "r2", "mode": "full", "started_at": "now", "started_ts": 0,
+               "error": "ClusterError: node cloud-b did not register", "duration_s": 3,
+               "steps": [{"name": "1. up", "seconds": 3, "outcome": "failed: ClusterError"}],
+               "decisions": [], "processes": {"recorded": [1, 2], "left": []}}
+    paths = write_report(partial, tmp_path / "out", home=tmp_path)
+    md = paths["markdown"].read_text()
+    assert "stopped early" in md and "node cloud-b did not register" in md
+    assert "failed: ClusterError" in md and json.loads(paths["json"].read_text())["error"]

@@ -66,12 +66,10 @@ def run_demo(cluster_file: str | os.PathLike = CLUSTER_FILE, *, name: str = "dem
             ``HOME/reports/NAME``).
         console: a rich ``Console`` (default: stdout).
     """
-
     import hybridray
     from hybridray import cluster as lifecycle
     from hybridray.demo import serving
     from hybridray.home import hybridray_home
-    from hybridray.report import write_report
 
     home = Path(hybridray_home(home)).expanduser().absolute()
     os.environ["HYBRIDRAY_HOME"] = str(home)   # storage roots in local.yaml use it
@@ -104,6 +102,8 @@ def run_demo(cluster_file: str | os.PathLike = CLUSTER_FILE, *, name: str = "dem
                 {"pid": v["pid"], "start_time": v.get("start_time"), "what": k}
                 for k, v in state.services.items() if v.get("pid")]
         n.say(f"GCS {state.address}, token auth on, state in {state.state_dir}")
+        n.say(f"watch it live in another shell: HYBRIDRAY_HOME={home} hybridray status "
+              f"{name} --watch")
         out.mkdir(parents=True, exist_ok=True)
         restore = _quiet_ray(out / "ray-events.log")
         cluster = hybridray.connect(name, home=home)
@@ -112,19 +112,34 @@ def run_demo(cluster_file: str | os.PathLike = CLUSTER_FILE, *, name: str = "dem
         result = _train(n, cluster, settings, facts)
         serving.run(n, cluster, state, result, settings, facts, token=secrets.token_urlsafe(24))
         facts["metrics_text"] = _scrape(name, home)
+    except BaseException as e:   # the report still says how far it got, and why it stopped
+        facts["error"] = f"{type(e).__name__}: {e}"
+        raise
     finally:
         _teardown(n, name, home, state, facts)
         restore()
-    facts["duration_s"] = round(n.now(), 1)
-    facts["steps"] = n.steps
-    facts["decisions"] = n.decisions
-    with n.console.status("writing the report and its plots ..."):
-        paths = write_report(facts, out, home=home)
+        facts["duration_s"] = round(n.now(), 1)
+        facts["steps"] = n.steps
+        facts["decisions"] = n.decisions
+        _report(n, facts, out, home)
+    return facts
+
+
+def _report(n: Narrator, facts: dict, out: Path, home: Path) -> None:
+    from hybridray.report import write_report
+
+    try:
+        with n.console.status("writing the report and its plots ..."):
+            paths = write_report(facts, out, home=home)
+    except Exception as e:  # never hide the demo's own outcome behind a report error
+        n.console.print(f"[red]report failed[/]: {type(e).__name__}: {e}")
+        return
     n.console.print(f"[bold green]report[/]: {paths['markdown']}  (facts: {paths['json']}, "
                     f"{len(paths['plots'])} plots)")
-    n.console.print(f"demo took {facts['duration_s']:.0f} s; "
-                    f"{len(facts['processes']['left'])} of the processes it started are left")
-    return facts
+    left = (facts.get("processes") or {}).get("left", [])
+    n.console.print(f"demo took {facts['duration_s']:.0f} s; {len(left)} of the processes it "
+                    "started are left" + (f"; it stopped early: {facts['error']}"
+                                          if facts.get("error") else ""))
 
 
 def _quiet_ray(log_path: Path):

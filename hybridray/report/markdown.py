@@ -19,6 +19,9 @@ def render(f: dict[str, Any]) -> str:
     out = [f"# hybridray demo report: `{f['name']}` ({f['mode']})", "",
            f"Started {f['started_at']}, took {f.get('duration_s', 0):.0f} s on this machine. "
            f"Facts as JSON: `report.json`. Audit log: `{f.get('audit_log')}`.", ""]
+    if f.get("error"):
+        out += [f"**The demo stopped early**: `{f['error']}`. What it did until then is below, "
+                "and everything it started was stopped.", ""]
     out += ["## Steps", "", _table(["step", "seconds", "outcome"],
                                    [[s["name"], s.get("seconds"), s.get("outcome")]
                                     for s in f.get("steps", [])]), ""]

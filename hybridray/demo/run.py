@@ -71,6 +71,7 @@ def run_demo(cluster_file: str | os.PathLike = CLUSTER_FILE, *, name: str = "dem
     from hybridray.demo import serving
     from hybridray.home import hybridray_home
 
+    _import_ray_quietly()
     home = Path(hybridray_home(home)).expanduser().absolute()
     os.environ["HYBRIDRAY_HOME"] = str(home)   # storage roots in local.yaml use it
     settings = Settings.for_mode(quick)
@@ -142,6 +143,20 @@ def _report(n: Narrator, facts: dict, out: Path, home: Path) -> None:
                                           if facts.get("error") else ""))
 
 
+def _import_ray_quietly() -> None:
+    """Import Ray with its driver log level at warning (``ray.init`` binds the level from
+    ``RAY_LOGGER_LEVEL`` at import); the variable is not left for the nodes to inherit."""
+    import sys
+
+    if "ray" in sys.modules or "RAY_LOGGER_LEVEL" in os.environ:
+        return
+    os.environ["RAY_LOGGER_LEVEL"] = "warning"
+    try:
+        import ray  # noqa: F401
+    finally:
+        os.environ.pop("RAY_LOGGER_LEVEL", None)
+
+
 def _quiet_ray(log_path: Path):
     """Keep Ray's own chatter off the demo's console: INFO logs off, and the GCS error events
     Ray prints in the driver (a killed node's raylet dumps its state) go to ``log_path``.
@@ -151,8 +166,12 @@ def _quiet_ray(log_path: Path):
     """
     import logging
 
-    for logger in ("ray", "ray.data", "ray.serve", "ray.train", "ray.tune"):
+    import ray.data  # noqa: F401  (each configures its logger at import; quiet them after)
+    import ray.serve  # noqa: F401
+
+    for logger in ("ray", "ray.serve", "ray.train", "ray.tune"):
         logging.getLogger(logger).setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
     try:
         import ray._private.worker as worker
     except ImportError:  # another Ray: its chatter stays, the demo does not depend on it
@@ -202,7 +221,7 @@ def _prepare(n: Narrator, cluster, s: Settings, facts: dict) -> None:
         where = ray.get(cluster.run(_write_tickets, wl, cluster.topology.model_dump(mode="json"),
                                     "datasets/tickets", s.ticket_files, s.ticket_rows),
                         timeout=300)
-        sites, why = _reasons(cluster, "make-tickets")
+        _, why = _reasons(cluster, "make-tickets")
         n.decision("tickets with emails and phone numbers (restricted)", "ran",
                    [where["site"]], why, kind="task", data_class="restricted",
                    rows=where["rows"])

@@ -71,7 +71,6 @@ def run_demo(cluster_file: str | os.PathLike = CLUSTER_FILE, *, name: str = "dem
     from hybridray.demo import serving
     from hybridray.home import hybridray_home
 
-    _import_ray_quietly()
     home = Path(hybridray_home(home)).expanduser().absolute()
     os.environ["HYBRIDRAY_HOME"] = str(home)   # storage roots in local.yaml use it
     settings = Settings.for_mode(quick)
@@ -82,6 +81,8 @@ def run_demo(cluster_file: str | os.PathLike = CLUSTER_FILE, *, name: str = "dem
                              "started_ts": n.wall0, "home": str(home),
                              "settings": settings.__dict__}
     topology = hybridray.load_topology(cluster_file, [f"name={name}"])
+    _check_script_fits(topology, cluster_file)
+    _import_ray_quietly()
     facts["topology"] = {s: {"kind": site.kind.value, "max_data_class": site.max_data_class.value,
                              "price_per_node_hour": site.pools[0].price_per_node_hour,
                              "spot": any(p.spot for p in site.pools)}
@@ -141,6 +142,19 @@ def _report(n: Narrator, facts: dict, out: Path, home: Path) -> None:
     n.console.print(f"demo took {facts['duration_s']:.0f} s; {len(left)} of the processes it "
                     "started are left" + (f"; it stopped early: {facts['error']}"
                                           if facts.get("error") else ""))
+
+
+def _check_script_fits(topology, cluster_file) -> None:
+    """The script names its sites; a topology without them is refused before anything starts."""
+    from hybridray.exceptions import ConfigError
+
+    need = {"onprem": "restricted", "cloud-a": "confidential", "cloud-b": "internal"}
+    wrong = [f"sites.{site}: needs max_data_class {cls}" for site, cls in need.items()
+             if site not in topology.sites
+             or topology.sites[site].max_data_class.value != cls]
+    if wrong:
+        raise ConfigError(f"{cluster_file}: the demo's script runs on clusters/local.yaml's "
+                          f"sites ({'; '.join(wrong)}); use that file or one shaped like it")
 
 
 def _import_ray_quietly() -> None:

@@ -98,13 +98,8 @@ def _spec(build) -> NodeSpec:
         raise DeployError(str(e).replace("a local node", "a Ray node")) from None
 
 
-def declared_args(spec: NodeSpec, *, with_node_label: bool = True) -> list[str]:
+def declared_args(spec: NodeSpec) -> list[str]:
     """``ray start`` arguments declaring what ``spec`` offers (shared with local nodes)."""
-    if not with_node_label:
-        from hybridray.cluster.plan import NODE
-
-        labels = {k: v for k, v in spec.labels.items() if k != NODE}
-        spec = NodeSpec(**{**spec.__dict__, "labels": labels})
     return node_args(spec)
 
 

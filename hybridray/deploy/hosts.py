@@ -19,7 +19,6 @@ from hybridray.deploy.common import (
     head_node,
     node_env,
     pool_node,
-    tls_paths,
 )
 from hybridray.topology.models import Provider, Topology
 
@@ -56,7 +55,6 @@ def _header(topology: Topology, what: str, options: RenderOptions, host: str) ->
         "fi",
     ]
     if options.tls:
-        paths = tls_paths(topology)
         tls_dir = str(etc / "tls")
         lines += [
             f'TLS_DIR="${{HYBRIDRAY_TLS_DIR:-{tls_dir}}}"',
@@ -71,7 +69,6 @@ def _header(topology: Topology, what: str, options: RenderOptions, host: str) ->
             "  fi",
             "done",
         ]
-        assert paths  # the node-side default paths are documented in README
     lines.append('RAY="${HYBRIDRAY_RAY:-ray}"')
     return lines
 

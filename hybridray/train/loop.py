@@ -81,6 +81,12 @@ class RaySession(Session):
         import ray.train
 
         saving = metrics.get("checkpoint", False)
+        if metrics.get("checkpoint") is False:
+            # A log window without a checkpoint: its metrics already went to the board actor
+            # (rank 0); ray.train.report is a barrier of all ranks through an actor, measured
+            # at about a second per call on this 2-core machine, so it is kept for checkpoints
+            # (every rank takes the same branch: ``checkpoint`` is the same on all of them).
+            return
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir \
             else None
         ray.train.report(metrics, checkpoint=checkpoint,

@@ -77,6 +77,8 @@ def plan_run(config: TrainConfig, cluster: Any) -> RunPlan:
             "capacity":
         placement = cluster.place(workload(t.min_workers))
     placement.raise_if_refused()
+    if t.min_workers < t.max_workers:
+        _check_elastic(config, topology, data_class)
 
     storage_site = config.checkpoint.site or data_addr.site
     if storage_site not in topology.sites:
@@ -124,6 +126,29 @@ def _check_writable(fs: Any, path: str, uri: str, site: str) -> None:
         raise TrainError(f"checkpoint storage {uri} (site {site}) cannot be written: "
                          f"{str(e).splitlines()[0]}; fix sites.{site}.storage.root or "
                          "checkpoint.path") from None
+
+
+def _check_elastic(config: Any, topology: Any, data_class: DataClass) -> None:
+    """An elastic group only where Ray's sizing cannot count nodes its workers may not use.
+
+    Ray 2.60's elastic policy sizes the group from the free resources of *every* node; the
+    per-worker label selectors are applied only when the workers are placed. With a site
+    excluded (by the data's class, a pinned site or an accelerator) it would pick a size the
+    allowed sites cannot hold and wait for those workers forever.
+    """
+    t = config.train
+    allowed = topology.sites_by_class[data_class]
+    excluded = [s for s in topology.sites if s not in allowed]
+    why = (f"{data_class.value} data may not train at {', '.join(excluded)}" if excluded else
+           f"train.site={t.site} pins the group to one site" if t.site else
+           f"train.accelerator={t.accelerator} excludes nodes without it" if t.accelerator
+           else None)
+    if why:
+        raise TrainError(
+            f"{config.name}: train.workers=[{t.min_workers}, {t.max_workers}] (elastic) needs "
+            f"every node of the cluster usable, and {why}: Ray's elastic policy sizes the group "
+            "from free resources on all nodes and would wait for workers that cannot be "
+            f"placed. Use a fixed train.workers (e.g. {t.min_workers})")
 
 
 def _vet_resume(fs: Any, run_dir: str, model_config: Any, data_class: DataClass

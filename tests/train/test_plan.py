@@ -94,6 +94,17 @@ def test_refusals_come_before_anything_starts(cluster, tmp_path):
 
 
 def test_elastic_group_places_its_minimum_when_the_maximum_does_not_fit(cluster):
-    plan = plan_run(config("train.cpus_per_worker=2", "train.workers=[1, 4]"), cluster)
-    assert plan.placement.sites == ["onprem"]                          # restricted: on-prem
+    # internal data may train at every site: 3 nodes of 2 CPUs hold 3 workers, not 4
+    plan = plan_run(config("data.data_class=internal", "train.cpus_per_worker=2",
+                           "train.workers=[1, 4]"), cluster)
+    assert set(plan.placement.sites) == {"onprem", "cloud-a", "cloud-b"}
     assert [r["count"] for r in cluster.audit.read()] == [4, 1]
+
+
+def test_elastic_group_is_refused_where_ray_would_size_it_from_nodes_it_may_not_use(cluster):
+    with pytest.raises(TrainError, match=r"restricted data may not train at cloud-a, cloud-b: "
+                                         r"Ray's elastic policy sizes the group"):
+        plan_run(config("train.workers=[1, 2]"), cluster)
+    with pytest.raises(TrainError, match="train.site=onprem pins the group to one site"):
+        plan_run(config("data.data_class=internal", "train.site=onprem",
+                        "train.workers=[1, 2]"), cluster)

@@ -152,3 +152,14 @@ def test_cli_dry_run_prints_the_decisions_and_starts_nothing(local_cluster):
     assert set(out["workers"]) <= {"onprem", "cloud-b", "cloud-a"}      # (by free capacity)
     assert out["checkpoints"].endswith("/storage/local/onprem/checkpoints/dry-run")
     assert out["resume_step"] is None
+
+
+def test_an_elastic_group_trains_with_what_fits_of_its_range(hr_cluster):
+    # workers=[1, 4] of 2 CPUs each, internal data (every site allowed): the 3 nodes hold 3.
+    r = run(hr_cluster, "elastic", "data.data_class=internal",
+            "data.output=onprem:datasets/test-elastic", "train.workers=[1, 4]",
+            "train.cpus_per_worker=2", "train.steps=6", "train.log_interval=3",
+            "train.eval_interval=6", "train.checkpoint_interval=6")
+    assert 1 <= len(r.worker_sites) <= 3
+    assert set(r.worker_sites) <= {"onprem", "cloud-a", "cloud-b"}
+    assert r.steps == 6 and r.checkpoint.endswith("checkpoint-00000006")

@@ -297,6 +297,8 @@ def _wait_gone(nodes: list[NodeRecord], deadline: float) -> None:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(node.pgid, signal.SIGTERM)
         if not any(n.alive() for n in nodes) or time.monotonic() >= deadline:
+            for node in nodes:  # one that exited since the reap above is a zombie now
+                reap(node.pid)
             return
         time.sleep(0.1)
 

@@ -25,9 +25,11 @@ from hybridray.cluster.state import (
     NodeRecord,
     cluster_dir,
     cluster_lock,
+    descendants,
     hybridray_home,
     load_state,
     now_iso,
+    process_start_time,
     processes_using,
     reap,
     save_state,
@@ -261,8 +263,10 @@ def _node_ip() -> str:
 # ---- stopping -----------------------------------------------------------------------------
 
 def _stop_nodes(nodes: list[NodeRecord], timeout: float = STOP_TIMEOUT_S) -> list[int]:
-    """SIGTERM workers, then the head; SIGKILL each node's group for whatever remains."""
+    """SIGTERM workers, then the head; SIGKILL each node's group for whatever remains, and
+    any process the nodes started outside their groups."""
     stopped = [n.pid for n in nodes if n.alive()]
+    below = descendants([n.pid for n in nodes if n.leader_alive()])
     deadline = time.monotonic() + timeout
     workers = [n for n in nodes if n.role != "head"]
     heads = [n for n in nodes if n.role == "head"]
@@ -278,6 +282,10 @@ def _stop_nodes(nodes: list[NodeRecord], timeout: float = STOP_TIMEOUT_S) -> lis
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(node.pgid, signal.SIGKILL)
     _wait_gone(nodes, time.monotonic() + 5)
+    for pid, started in below.items():   # same pid and start time: still the one we saw
+        if process_start_time(pid) == started:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
     return stopped
 
 

@@ -78,6 +78,31 @@ def group_members(pgid: int, not_before: int = 0) -> list[int]:
     return members
 
 
+def descendants(pids: list[int]) -> dict[int, int]:
+    """Every live process below ``pids`` in the process tree: ``{pid: start time}``.
+
+    Some children leave their node's process group (Serve's HAProxy starts a session of its
+    own), so stopping a node by group would orphan them; the tree still finds them while the
+    node runs.
+    """
+    children: dict[int, list[tuple[int, int]]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        fields = _stat_fields(int(entry.name))
+        if fields is None or fields[0] in ("Z", "X"):
+            continue
+        children.setdefault(int(fields[1]), []).append((int(entry.name), int(fields[19])))
+    found: dict[int, int] = {}
+    todo = list(pids)
+    while todo:
+        for pid, started in children.get(todo.pop(), []):
+            if pid not in found:
+                found[pid] = started
+                todo.append(pid)
+    return found
+
+
 def processes_using(text: str) -> list[int]:
     """Live pids whose command line contains ``text`` (e.g. a Ray temp dir)."""
     needle = text.encode()

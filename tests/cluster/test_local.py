@@ -175,6 +175,37 @@ def test_a_recycled_pid_is_never_signalled(tmp_path):
             sleeper.wait()
 
 
+def test_stopping_a_node_also_stops_what_it_started_outside_its_group():
+    """Serve's HAProxy runs in a session of its own; it must not outlive the node."""
+    import time
+
+    from hybridray.cluster.state import descendants
+
+    leader = subprocess.Popen(["bash", "-c", "setsid sleep 61 & exec sleep 60"],
+                              start_new_session=True)
+    try:
+        for _ in range(50):
+            below = descendants([leader.pid])
+            if below:
+                break
+            time.sleep(0.1)
+        [(child, _)] = below.items()
+        assert os.getpgid(child) != leader.pid                  # outside the node's group
+        node = NodeRecord(key="head", site="s", pool=None, role="head", index=0,
+                          pid=leader.pid, pgid=leader.pid,
+                          start_time=process_start_time(leader.pid), log="x")
+        assert _stop_nodes([node], timeout=5) == [leader.pid]
+        for _ in range(50):
+            if _pid_gone(child):
+                break
+            time.sleep(0.1)
+        assert _pid_gone(child) and _pid_gone(leader.pid)
+    finally:
+        if leader.poll() is None:
+            leader.kill()
+            leader.wait()
+
+
 def test_up_forgets_a_cluster_whose_processes_all_died(tmp_path):
     dead = subprocess.Popen(["true"])
     dead.wait()

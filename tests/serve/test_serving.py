@@ -310,6 +310,23 @@ def test_overload_answers_503_with_retry_after_not_a_hang(services):
     assert http("POST", f"{lm.url}/v1/completions", body)[0] == 200   # and it recovers
 
 
+def test_a_request_past_its_deadline_answers_504_naming_the_limit(services):
+    _, lm = services
+    from hybridray.serve.service import deploy
+
+    hurried = lm.config.model_copy(update={"limits": lm.config.limits.model_copy(
+        update={"request_timeout_s": 0.01})})
+    body = {"model": "gpt", "prompt": "The", "max_tokens": 64, "temperature": 1}
+    deploy(hurried, cluster=lm.cluster)
+    try:
+        status, _, answer = http("POST", f"{lm.url}/v1/completions", body)
+    finally:
+        deploy(lm.config, cluster=lm.cluster)
+    assert status == 504, answer
+    assert "request_timeout_s=0.01" in answer["error"]["message"]
+    assert http("POST", f"{lm.url}/v1/completions", body)[0] == 200   # nothing died
+
+
 # ---- failures and scaling ------------------------------------------------------------------
 
 class Load:

@@ -7,13 +7,19 @@ Importing hybridray does not import Ray: that happens when you connect or run wo
 from hybridray.api import Cluster, connect
 from hybridray.audit import AuditLog
 from hybridray.exceptions import (
+    CertificateError,
     ClusterError,
     ClusterNotFound,
     ConfigError,
+    DataError,
+    DeployError,
     HybridRayError,
+    IntegrityError,
+    MaskingError,
     PlacementRefused,
     PlanInfeasible,
     ResidencyViolation,
+    TrainError,
 )
 from hybridray.placement import (
     Capacity,
@@ -51,13 +57,18 @@ def __getattr__(name: str):
 __all__ = [
     "AuditLog",
     "Capacity",
+    "CertificateError",
     "Cluster",
     "ClusterError",
     "ClusterNotFound",
     "ConfigError",
     "DataClass",
+    "DataError",
     "Demand",
+    "DeployError",
     "HybridRayError",
+    "IntegrityError",
+    "MaskingError",
     "Placement",
     "Plan",
     "PlacementRefused",
@@ -65,6 +76,7 @@ __all__ = [
     "Preference",
     "ResidencyViolation",
     "Topology",
+    "TrainError",
     "Workload",
     "WorkloadKind",
     "__version__",

@@ -64,18 +64,20 @@ def process_start_time(pid: int) -> int | None:
     return int(fields[19])  # field 22 of the file; fields[0] is field 3 (state)
 
 
-def group_members(pgid: int, not_before: int = 0) -> list[int]:
-    """Live pids in process group ``pgid`` started at or after ``not_before`` (clock ticks)."""
-    members = []
+def _live_processes():
+    """``(pid, stat fields)`` of every live, non-zombie process."""
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         fields = _stat_fields(int(entry.name))
-        if fields is None or fields[0] in ("Z", "X"):
-            continue
-        if int(fields[2]) == pgid and int(fields[19]) >= not_before:
-            members.append(int(entry.name))
-    return members
+        if fields is not None and fields[0] not in ("Z", "X"):
+            yield int(entry.name), fields
+
+
+def group_members(pgid: int, not_before: int = 0) -> list[int]:
+    """Live pids in process group ``pgid`` started at or after ``not_before`` (clock ticks)."""
+    return [pid for pid, fields in _live_processes()
+            if int(fields[2]) == pgid and int(fields[19]) >= not_before]
 
 
 def descendants(pids: list[int]) -> dict[int, int]:
@@ -86,13 +88,8 @@ def descendants(pids: list[int]) -> dict[int, int]:
     node runs.
     """
     children: dict[int, list[tuple[int, int]]] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        fields = _stat_fields(int(entry.name))
-        if fields is None or fields[0] in ("Z", "X"):
-            continue
-        children.setdefault(int(fields[1]), []).append((int(entry.name), int(fields[19])))
+    for pid, fields in _live_processes():
+        children.setdefault(int(fields[1]), []).append((pid, int(fields[19])))
     found: dict[int, int] = {}
     todo = list(pids)
     while todo:

@@ -379,7 +379,8 @@ def _wait_routing(app: str, generation: str, timeout_s: float) -> None:
     handle = serve.get_deployment_handle(INGRESS, app_name=app)
     # A driver is not inside an asyncio loop; with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 in its
     # environment Serve would build the handle for one and fail ("No event loop running").
-    handle._init(_run_router_in_separate_loop=True)
+    if not handle.is_initialized:   # Serve caches handles per process: set up once
+        handle._init(_run_router_in_separate_loop=True)
     deadline = time.monotonic() + timeout_s
     seen: list = []
     while time.monotonic() < deadline:

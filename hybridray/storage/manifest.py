@@ -33,6 +33,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hybridray.exceptions import DataError
+from hybridray.procs import process_start_time
 from hybridray.storage.objects import ObjectStore
 from hybridray.topology.models import DataClass
 
@@ -253,7 +254,8 @@ class DatasetStore:
                     "wait for it to finish, or remove "
                     f"{self.label}/{LOCK} if that process is gone")
         lease = {"owner": owner, "what": what, "host": socket.gethostname(),
-                 "pid": os.getpid(), "pid_start": _start_time(os.getpid()), "since": now_iso(),
+                 "pid": os.getpid(), "pid_start": process_start_time(os.getpid()),
+                 "since": now_iso(),
                  "expires": time.time() + LEASE_S}
         self.store.put_text(LOCK, json.dumps(lease))
         check = json.loads(self.store.get_text(LOCK) or "{}")
@@ -275,15 +277,6 @@ def _stale(held: dict) -> bool:
     if held.get("expires", 0) < time.time():
         return True
     if held.get("host") == socket.gethostname() and isinstance(held.get("pid"), int):
-        return _start_time(held["pid"]) != held.get("pid_start")
+        return process_start_time(held["pid"]) != held.get("pid_start")
     return False
 
-
-def _start_time(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read().decode("ascii", "replace")
-    except OSError:
-        return None
-    fields = raw[raw.rfind(")") + 2:].split()
-    return None if fields[0] in ("Z", "X") else int(fields[19])

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from hybridray.exceptions import DataError
+from hybridray.procs import process_start_time, reap
 
 START_TIMEOUT_S = 30.0
 # Any key pair works with the emulator; these are used when the environment has none, so
@@ -47,7 +48,7 @@ class S3Server:
         return f"http://127.0.0.1:{self.port}"
 
     def alive(self) -> bool:
-        return _start_time(self.pid) == self.start_time
+        return process_start_time(self.pid) == self.start_time
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -79,7 +80,7 @@ def start(*, port: int | None = None, log: str | os.PathLike | None = None,
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             start_new_session=True)
-    server = S3Server(pid=proc.pid, start_time=_start_time(proc.pid) or -1, port=port,
+    server = S3Server(pid=proc.pid, start_time=process_start_time(proc.pid) or -1, port=port,
                       log=str(log) if log else "")
     deadline = time.monotonic() + timeout
     while True:
@@ -101,18 +102,18 @@ def start(*, port: int | None = None, log: str | os.PathLike | None = None,
 def stop(server: S3Server, timeout: float = 10.0) -> bool:
     """Stop ``server`` if its process is still the one started; True if it was running."""
     if not server.alive():
-        _reap(server.pid)
+        reap(server.pid)
         return False
     with contextlib.suppress(ProcessLookupError):
         os.kill(server.pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while server.alive() and time.monotonic() < deadline:
-        _reap(server.pid)
+        reap(server.pid)
         time.sleep(0.05)
     if server.alive():
         with contextlib.suppress(ProcessLookupError):
             os.kill(server.pid, signal.SIGKILL)
-    _reap(server.pid)
+    reap(server.pid)
     return True
 
 
@@ -146,16 +147,3 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_time(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read().decode("ascii", "replace")
-    except OSError:
-        return None
-    fields = raw[raw.rfind(")") + 2:].split()
-    return None if fields[0] in ("Z", "X") else int(fields[19])
-
-
-def _reap(pid: int) -> None:
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)

@@ -97,6 +97,11 @@ def _event(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
+# Every error a model route can answer, in the OpenAPI schema (the body is always ErrorResponse).
+ERROR_RESPONSES = {code: {"model": P.ErrorResponse} for code in (400, 401, 404, 413, 422, 429,
+                                                                  503, 504)}
+
+
 @serve.deployment(name="Ingress", max_ongoing_requests=256, health_check_period_s=5)
 @serve.ingress(app)
 class Ingress:
@@ -234,9 +239,7 @@ class Ingress:
 
     # -- routes ---------------------------------------------------------------------------
     @app.post("/v1/embeddings", response_model=P.EmbeddingList,
-              responses={400: {"model": P.ErrorResponse}, 401: {"model": P.ErrorResponse},
-                         404: {"model": P.ErrorResponse}, 413: {"model": P.ErrorResponse},
-                         422: {"model": P.ErrorResponse}, 503: {"model": P.ErrorResponse}})
+              responses=ERROR_RESPONSES)
     async def embeddings(self, body: P.EmbeddingRequest, request: Request):
         started = time.perf_counter()
         model, version = self._model(body.model, "embedding", request)
@@ -265,9 +268,7 @@ class Ingress:
         return JSONResponse(out, headers=self._headers(route, result.get("site")))
 
     @app.post("/v1/completions", response_model=P.Completion,
-              responses={400: {"model": P.ErrorResponse}, 401: {"model": P.ErrorResponse},
-                         404: {"model": P.ErrorResponse}, 413: {"model": P.ErrorResponse},
-                         422: {"model": P.ErrorResponse}, 503: {"model": P.ErrorResponse}})
+              responses=ERROR_RESPONSES)
     async def completions(self, body: P.CompletionRequest, request: Request):
         started = time.perf_counter()
         model, version = self._model(body.model, "completion", request)

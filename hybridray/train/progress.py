@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from hybridray import labels as L
@@ -53,10 +54,71 @@ def head_node_strategy():
     return NodeAffinitySchedulingStrategy(head, soft=True)
 
 
-class Display:
-    """Live console view: a step bar plus one line per log interval, fed by the board."""
+class Watcher:
+    """The driver's copy of the board, kept current by a background thread.
 
-    def __init__(self, board: Any, config: TrainConfig, plan: Any):
+    The final record must not depend on one last call succeeding: a run that lost a node
+    leaves the cluster busy for a while, and a single slow ``poll`` used to return an empty
+    record (no attempts, no logs) for a run that had in fact restarted and finished. So the
+    driver polls all along, keeps what it has seen, and a failed poll only means the record
+    is as of the previous one (``error`` says why).
+    """
+
+    def __init__(self, board: Any, interval: float = 1.0,
+                 on_update: Callable[[list, list, int], None] | None = None):
+        self.board, self.interval, self.on_update = board, interval, on_update
+        self.attempts: list[dict[str, Any]] = []
+        self.logs: list[dict[str, Any]] = []
+        self.step = 0
+        self.error: str | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="train-watch")
+
+    def start(self) -> Watcher:
+        self._thread.start()
+        return self
+
+    def stop(self, attempts: int = 3, timeout: float = 30.0) -> dict[str, Any]:
+        """Stop polling, take one last look (retried), and return the record."""
+        self._stop.set()
+        self._thread.join(timeout=timeout)
+        for _ in range(attempts):
+            if self.poll(timeout):
+                break
+        return self.state()
+
+    def state(self) -> dict[str, Any]:
+        with self._lock:
+            return {"attempts": list(self.attempts), "logs": list(self.logs),
+                    "step": self.step, "error": self.error}
+
+    def poll(self, timeout: float = 10.0) -> bool:
+        import ray
+
+        with self._lock:
+            try:
+                state = ray.get(self.board.poll.remote(len(self.logs)), timeout=timeout)
+            except Exception as e:   # watching must never take the run down
+                self.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                return False
+            new_attempts = state["attempts"][len(self.attempts):]
+            self.attempts = list(state["attempts"])
+            self.logs.extend(state["logs"])
+            self.step, self.error = state["step"], None
+        if self.on_update:
+            self.on_update(new_attempts, state["logs"], state["step"])
+        return True
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.poll()
+
+
+class Display:
+    """Live console view: a step bar plus one line per log interval, fed by a ``Watcher``."""
+
+    def __init__(self, config: TrainConfig, plan: Any):
         from rich.console import Console
         from rich.progress import (
             BarColumn,
@@ -67,17 +129,13 @@ class Display:
             TimeRemainingColumn,
         )
 
-        self.board, self.config, self.plan = board, config, plan
+        self.config, self.plan = config, plan
         self.console = Console(stderr=True)
         self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                                  MofNCompleteColumn(), TimeElapsedColumn(),
                                  TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
                                  console=self.console, transient=False)
         self.task = self.progress.add_task(plan.run_name, total=config.train.steps, info="")
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="train-display")
-        self._seen_logs = 0
-        self._seen_attempts = 0
 
     def start(self) -> None:
         sites = Counter(self.plan.placement.assign(self.config.train.max_workers))
@@ -87,40 +145,26 @@ class Display:
                            + f", wan {self.config.wan.mode}, checkpoints "
                              f"{self.plan.storage_uri}/{self.plan.run_name}")
         self.progress.start()
-        self._thread.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self._poll()
         self.progress.stop()
 
-    def _run(self) -> None:
-        while not self._stop.wait(0.5):
-            try:
-                self._poll()
-            except Exception:  # the display must never take the run down
-                pass
-
-    def _poll(self) -> None:
-        import ray
-
-        state = ray.get(self.board.poll.remote(self._seen_logs), timeout=10)
-        for attempt in state["attempts"][self._seen_attempts:]:
+    def update(self, new_attempts: list[dict[str, Any]], new_logs: list[dict[str, Any]],
+               step: int) -> None:
+        for attempt in new_attempts:
             if attempt["resumed"]:
                 self.console.print(f"[yellow]restarted[/] from the checkpoint at step "
                                    f"{attempt['start_step']} on "
                                    + ", ".join(f"{s}×{n}" for s, n in
                                                Counter(attempt["sites"]).items()))
-        self._seen_attempts = len(state["attempts"])
-        for m in state["logs"]:
+        for m in new_logs:
             self.console.print(_log_line(m))
-        self._seen_logs += len(state["logs"])
         info = ""
-        if state["logs"]:
-            m = state["logs"][-1]
+        if new_logs:
+            m = new_logs[-1]
             info = f"loss {m['loss']:.3f}  {m['tokens_per_s']:,.0f} tok/s"
-        self.progress.update(self.task, completed=state["step"], info=info)
+            self.progress.update(self.task, info=info)
+        self.progress.update(self.task, completed=step)
 
 
 def _log_line(m: dict[str, Any]) -> str:

@@ -25,7 +25,7 @@ from hybridray.exceptions import ClusterError, HybridRayError, TrainError
 from hybridray.storage.fs import site_filesystem
 from hybridray.train.config import TrainConfig, config_from_dict, load_train_config
 from hybridray.train.plan import RunPlan, plan_run
-from hybridray.train.progress import Board, Display, head_node_strategy
+from hybridray.train.progress import Board, Display, Watcher, head_node_strategy
 
 __all__ = ["RunPlan", "TrainResult", "as_config", "build_trainer", "plan_run", "train"]
 
@@ -51,6 +51,7 @@ class TrainResult:
     steps_redone: int
     elapsed_s: float
     corpus: str
+    progress_error: str | None = None    # set when the progress record may be incomplete
     history: list[dict[str, Any]] = field(repr=False, default_factory=list)  # per log interval
     metrics: dict[str, Any] = field(repr=False, default_factory=dict)
     ray_result: Any = field(repr=False, default=None)
@@ -196,21 +197,20 @@ def train(config: TrainConfig | str | os.PathLike | dict, cluster: Any = None, *
         scheduling_strategy=head_node_strategy(),
         name=f"hybridray-train-{uuid.uuid4().hex[:8]}").remote()
     trainer = build_trainer(config, plan, corpus, cluster, board)
-    display = Display(board, config, plan) if show else None
+    display = Display(config, plan) if show else None
+    watcher = Watcher(board, on_update=display.update if display else None)
     try:
         if display:
             display.start()
+        watcher.start()
         try:
             result = trainer.fit()
         except Exception as e:
             raise _explain(e, plan) from None
         finally:
+            state = watcher.stop()
             if display:
                 display.stop()
-        try:
-            state = ray.get(board.poll.remote(0), timeout=30)
-        except Exception:  # the run finished; only its progress record is lost
-            state = {"attempts": [], "logs": [], "step": 0}
     finally:
         ray.kill(board)
     out = _result(config, plan, corpus, cluster, result, state, time.time() - started)
@@ -232,9 +232,10 @@ def _explain(error: Exception, plan: RunPlan) -> Exception:
                 return TrainError(f"{plan.run_name}: worker rank {rank} failed: {line.strip()}")
     if isinstance(error, HybridRayError):
         return error
-    first = str(error).strip().splitlines()
+    lines = [x.strip() for x in str(error).strip().splitlines()
+             if x.strip() and "errors.pydantic.dev" not in x]
     return TrainError(f"{plan.run_name}: training failed: "
-                      f"{first[-1] if first else type(error).__name__}")
+                      f"{lines[-1] if lines else type(error).__name__}")
 
 
 def _result(config: TrainConfig, plan: RunPlan, corpus: Any, cluster: Any, result: Any,
@@ -268,6 +269,7 @@ def _result(config: TrainConfig, plan: RunPlan, corpus: Any, cluster: Any, resul
         eval_history=m.get("eval_history", []), tokens_per_s=tps, mfu=mfu,
         wan={k: last_wan.get(k) for k in wan_keys}, attempts=attempts, steps_redone=redone,
         elapsed_s=round(elapsed, 3), corpus=str(corpus.address), history=state["logs"],
+        progress_error=state.get("error"),
         metrics=m, ray_result=result)
 
 

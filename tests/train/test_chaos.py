@@ -73,13 +73,16 @@ def test_node_killed_mid_run_resumes_from_the_latest_checkpoint(tmp_path):
             assert time.monotonic() < deadline, "no checkpoint was written"
             time.sleep(0.05)
 
-        # Kill an on-prem worker node (a whole process group: raylet, workers and all),
-        # never the node the driver is attached to.
+        # Kill an on-prem node that runs a training worker (its process group and every
+        # process below it: raylet, workers and all), never the driver's node. Both
+        # workers may share one node (SPREAD is a preference): then that one dies.
         driver_node = (tmp_path / "result.json.driver-node").read_text()
         nodes = cluster.load_state(state.name, home=home).nodes
-        victim = next(n for n in nodes if n.site == "onprem" and n.role != "head"
-                      and n.node_id != driver_node)
-        os.killpg(victim.pgid, signal.SIGKILL)
+        victims = [n for n in nodes if n.site == "onprem" and n.role != "head"
+                   and n.node_id != driver_node and _train_workers(n)]
+        assert victims, "no training worker runs on an on-prem node"
+        killed = _kill_node(victims[0])
+        assert any(b"RayTrainWorker" in cmd for cmd in killed.values()), killed
 
         driver.wait(timeout=max(deadline - time.monotonic(), 1))
         result = json.loads(out.read_text())
@@ -92,7 +95,7 @@ def test_node_killed_mid_run_resumes_from_the_latest_checkpoint(tmp_path):
     assert result["ok"], result
     assert result["steps"] == STEPS
     first, *restarts = result["attempts"]
-    assert restarts, "the run did not notice the lost node"
+    assert restarts, f"the run did not notice the lost node: {result}"
     resumed = restarts[0]
     assert resumed["resumed"] and resumed["start_step"] > 0
     assert resumed["start_step"] % CHECKPOINT_INTERVAL == 0
@@ -101,6 +104,35 @@ def test_node_killed_mid_run_resumes_from_the_latest_checkpoint(tmp_path):
     assert all(site == "onprem" for a in result["attempts"] for site in a["sites"])
     assert result["worker_sites"] == ["onprem", "onprem"]
     assert result["checkpoint"] == f"onprem:checkpoints/chaos/checkpoint-{STEPS:08d}"
+
+
+def _cmdlines(node) -> dict[int, bytes]:
+    from hybridray.procs import descendants
+
+    group = node.group()
+    out = {}
+    for pid in dict.fromkeys([*group, *descendants(group)]):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                out[pid] = f.read()
+        except OSError:
+            pass
+    return out
+
+
+def _train_workers(node) -> list[int]:
+    return [pid for pid, cmd in _cmdlines(node).items() if b"RayTrainWorker" in cmd]
+
+
+def _kill_node(node) -> dict[int, bytes]:
+    """SIGKILL the node's processes, all found before any dies (so none is missed)."""
+    found = _cmdlines(node)
+    for pid in found:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return found
 
 
 def _tail(path) -> str:

@@ -191,7 +191,8 @@ def _source(model: ModelConfig, version: VersionConfig, topology: Topology):
     if model.kind == "embedding":
         return source, model.data_class or DataClass.public, None
     from hybridray.storage.fs import parse_address
-    from hybridray.train.checkpoint import MODEL_FILE, CheckpointReader, read_meta
+    from hybridray.train.checkpoint import MODEL_FILE, CheckpointReader, read_config, read_meta
+    from hybridray.train.kinds import CustomModelConfig
 
     origin_site, fs, path, location = None, None, source, source
     if ":" in source and "://" not in source and not Path(source).exists():
@@ -204,9 +205,15 @@ def _source(model: ModelConfig, version: VersionConfig, topology: Topology):
         given = CheckpointReader(path, fs)
         reader = _latest(given)
         meta = read_meta(reader)
+        held = read_config(reader)
         size = reader.fs.get_file_info(reader.where(MODEL_FILE)).size or 0
     except Exception as e:  # TrainError names the file; anything else is as useful
         raise ConfigError(f"models.{model.name}: source {source!r}: {e}") from None
+    if isinstance(held, CustomModelConfig):
+        raise ConfigError(f"models.{model.name}: source {source!r} holds your own model "
+                          f"({held.factory}); the completion route serves hybridray GPT "
+                          "checkpoints (model.size in the train config). Load yours with "
+                          "hybridray.train.load_model and serve it from your own deployment")
     if reader.path != given.path:   # a run directory: serve its newest checkpoint
         location = f"{location.rstrip('/')}/{reader.path.rsplit('/', 1)[1]}"
     cls = DataClass(meta["data_class"])

@@ -2,8 +2,10 @@
 
 A checkpoint is a directory (written by rank 0, uploaded by Ray Train to the site's storage)::
 
-    model.safetensors    weights (the tied output layer is stored once, as transformer.wte)
-    model_config.json    GPTConfig fields
+    model.safetensors    weights: the model's state_dict, each shared tensor once (GPT's
+                         tied output layer is stored as transformer.wte.weight)
+    model_config.json    GPTConfig fields, or {"kind": "custom", "factory", "kwargs",
+                         "block_size", "vocab_size"} for your own model (train/kinds.py)
     optimizer.pt         {"optimizer": AdamW state, "scaler": GradScaler state or None,
                           "wan": DiLoCo outer state or None}
     state.json           {"step", "data": {"cursor", ...}, "rng", "precision", ...}
@@ -30,7 +32,6 @@ OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "state.json"
 META_FILE = "hybridray.json"
 FORMAT = 1
-TIED = "lm_head.weight"    # same tensor as transformer.wte.weight; stored once
 
 
 class CheckpointReader:
@@ -126,17 +127,25 @@ def complete_checkpoints(fs: Any, run_dir: str) -> Iterator[CheckpointReader]:
 # ---- writing ------------------------------------------------------------------------------
 
 def save_checkpoint(directory: str | os.PathLike, model: Any, *, optimizer: dict[str, Any],
-                    state: dict[str, Any], meta: dict[str, Any]) -> Path:
-    """Write the five files of the contract into the local ``directory`` (created)."""
+                    state: dict[str, Any], meta: dict[str, Any],
+                    model_config: dict[str, Any] | None = None) -> Path:
+    """Write the five files of the contract into the local ``directory`` (created).
+    ``model_config`` defaults to a GPT's own ``config``; your own model needs it given."""
     import torch
     from safetensors.torch import save_file
+
+    from hybridray.train.kinds import unique_state
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone()
-               for k, v in model.state_dict().items() if k != TIED}
+               for k, v in unique_state(model).items()}
     save_file(tensors, str(out / MODEL_FILE), metadata={"format": "pt", "hybridray": str(FORMAT)})
-    (out / CONFIG_FILE).write_text(json.dumps(model.config.model_dump(), indent=2))
+    if model_config is None:
+        if not hasattr(getattr(model, "config", None), "model_dump"):
+            raise TypeError("save_checkpoint: pass model_config for a model that is not a GPT")
+        model_config = model.config.model_dump()
+    (out / CONFIG_FILE).write_text(json.dumps(model_config, indent=2, default=str))
     torch.save(optimizer, out / OPTIMIZER_FILE)
     (out / STATE_FILE).write_text(json.dumps(state, indent=2, default=str))
     (out / META_FILE).write_text(json.dumps({"format": FORMAT, **meta}, indent=2, default=str))
@@ -161,17 +170,21 @@ def read_meta(reader: CheckpointReader) -> dict[str, Any]:
 
 
 def read_config(reader: CheckpointReader):
+    """``GPTConfig``, or ``CustomModelConfig`` for a checkpoint of your own model."""
     from pydantic import ValidationError
 
+    from hybridray.train.kinds import CustomModelConfig
     from hybridray.train.model import GPTConfig
 
     raw = reader.json(CONFIG_FILE)
+    custom = raw.get("kind") == "custom"
     try:
-        return GPTConfig.model_validate(raw)
+        return (CustomModelConfig if custom else GPTConfig).model_validate(raw)
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, x['loc'])) or '<root>'}: {x['msg']}"
                              for x in e.errors(include_url=False))
-        raise TrainError(f"{reader.where(CONFIG_FILE)}: not a valid GPT config ({problems})") \
+        what = "custom model config" if custom else "GPT config"
+        raise TrainError(f"{reader.where(CONFIG_FILE)}: not a valid {what} ({problems})") \
             from None
 
 
@@ -219,16 +232,44 @@ def read_header(reader: CheckpointReader) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def check_fits(reader: CheckpointReader, have: Any, kind: Any) -> None:
+    """Raise unless a checkpoint (config ``have``) can load into this run's model ``kind``:
+    the same kind of model and, for your own model, the same tensor names and shapes."""
+    from hybridray.train.kinds import CustomKind, CustomModelConfig
+
+    custom = isinstance(have, CustomModelConfig)
+    if custom != isinstance(kind, CustomKind):
+        held = f"a custom model ({have.factory})" if custom else "a hybridray GPT"
+        raise TrainError(f"{reader.where(CONFIG_FILE)}: the checkpoint holds {held}, this run "
+                         f"trains {kind.label}; set model.factory to match, or start a new "
+                         "run (train.resume=never, or another name)")
+    if not custom:
+        check_same_shape(have, kind.config, reader)
+        return
+    _compare_shapes(reader, kind.expected_shapes(), read_header(reader),
+                    f"the model {kind.config.factory} builds")
+
+
 def _check_shapes(reader: CheckpointReader, config: Any, shapes: dict[str, tuple]) -> None:
+    """The weights match the config (for your own model this needs its factory: see
+    ``check_fits``; here only the file's own integrity was checked)."""
     import torch
 
+    from hybridray.train.kinds import CustomModelConfig, unique_state
     from hybridray.train.model import GPT
 
+    if isinstance(config, CustomModelConfig):
+        return
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items() if k != TIED}
+        expected = {k: tuple(v.shape) for k, v in unique_state(GPT(config)).items()}
+    _compare_shapes(reader, expected, shapes, CONFIG_FILE)
+
+
+def _compare_shapes(reader: CheckpointReader, expected: dict[str, tuple],
+                    shapes: dict[str, tuple], against: str) -> None:
     missing = sorted(set(expected) - set(shapes))
     unexpected = sorted(set(shapes) - set(expected))
-    wrong = [f"{k} is {v}, the config needs {expected[k]}"
+    wrong = [f"{k} is {v}, expected {expected[k]}"
              for k, v in shapes.items() if k in expected and v != expected[k]]
     if missing or unexpected or wrong:
         parts = []
@@ -238,7 +279,7 @@ def _check_shapes(reader: CheckpointReader, config: Any, shapes: dict[str, tuple
             parts.append(f"unexpected {', '.join(unexpected[:5])}"
                          + (" ..." if len(unexpected) > 5 else ""))
         parts.extend(wrong[:5])
-        raise TrainError(f"{reader.where(MODEL_FILE)}: does not match {CONFIG_FILE} ("
+        raise TrainError(f"{reader.where(MODEL_FILE)}: does not match {against} ("
                          + "; ".join(parts) + ")")
 
 
@@ -294,18 +335,22 @@ def read_optimizer(reader: CheckpointReader) -> dict[str, Any]:
 
 
 def load_model(location: Any, filesystem: Any = None, *, device: Any = "cpu",
-               dtype: Any = None):
-    """``(GPT, meta)`` from a checkpoint; see ``hybridray.train.model.load_model``."""
-    from hybridray.train.model import GPT
+               dtype: Any = None, factory: Any = None):
+    """``(model, meta)`` from a checkpoint; see ``hybridray.train.model.load_model``."""
+    from hybridray.train.kinds import CustomKind, kind_of
 
     reader = CheckpointReader(location, filesystem)
     reader.check_complete()
     meta = read_meta(reader)
     config = read_config(reader)
+    kind = kind_of(config, factory)
+    if isinstance(kind, CustomKind):
+        _compare_shapes(reader, kind.expected_shapes(), read_header(reader),
+                        f"the model {config.factory} builds")
     tensors = read_weights(reader, config)
     state = read_state(reader)
-    model = GPT(config)
-    model.load_state_dict(tensors, strict=False)   # lm_head.weight is tied to wte
+    model = kind.build()
+    model.load_state_dict(tensors, strict=False)   # shared tensors are stored once
     model.to(device=device, dtype=dtype)
     model.eval()
     return model, {**meta, "step": state["step"], "precision": state.get("precision"),

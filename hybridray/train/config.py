@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -17,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from hybridray.configfile import read_config_text, safe_yaml, validate_config
 from hybridray.placement.workload import Preference
 from hybridray.topology.models import NAME_HELP, NAME_PATTERN, DataClass
+from hybridray.train.kinds import FACTORY_HELP, FACTORY_PATTERN
 
 # Sizes are repeated here (not imported from model.py) so loading a config never imports torch.
 SIZES = ("tiny", "small", "medium", "gpt2-124m")
@@ -30,7 +32,8 @@ class _Strict(BaseModel):
 
 
 class ModelSection(_Strict):
-    """Which GPT to train: a named size, optionally reshaped, or a checkpoint to start from."""
+    """Which model to train: the built-in GPT (a named size, optionally reshaped), your own
+    (``factory``), and optionally a checkpoint to start from."""
 
     size: str = Field("tiny", description=f"One of {', '.join(SIZES)}.")
     n_layer: int | None = Field(None, ge=1, le=256, description="Override the size's layers.")
@@ -42,6 +45,12 @@ class ModelSection(_Strict):
     init_from: str | None = Field(
         None, description="A hybridray checkpoint to start from (fine-tuning): SITE:PATH in "
                           "site storage, a URI, or a local directory. Its shape wins.")
+    factory: str | None = Field(
+        None, description="Your own model instead of the GPT: MODULE:CALLABLE returning a "
+                          "torch.nn.Module that maps byte ids (B, T) to logits (B, T, 256); "
+                          "called with model.kwargs (see docs/training.md).")
+    kwargs: dict[str, Any] = Field(default_factory=dict,
+                                   description="Keyword arguments for model.factory.")
 
     @field_validator("size")
     @classmethod
@@ -51,6 +60,26 @@ class ModelSection(_Strict):
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ValueError(f"unknown model size {value!r}{hint} (valid: {', '.join(SIZES)})")
         return value
+
+    @field_validator("factory")
+    @classmethod
+    def _factory_path(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(FACTORY_PATTERN, value):
+            raise ValueError(f"{value!r} is not {FACTORY_HELP}")
+        return value
+
+    @model_validator(mode="after")
+    def _gpt_fields_only_for_gpt(self) -> ModelSection:
+        # by value, not by fields_set: workers re-validate the full dumped config
+        gpt_only = [f for f in ("size", "n_layer", "n_head", "n_embd", "dropout", "bias")
+                    if getattr(self, f) != type(self).model_fields[f].default]
+        if self.factory and gpt_only:
+            raise ValueError(f"@{gpt_only[0]}@ shapes the built-in GPT; with model.factory "
+                             "pass your model's settings in model.kwargs (model.block_size "
+                             "still sets the sequence length)")
+        if self.kwargs and not self.factory:
+            raise ValueError("@kwargs@ are for model.factory, which is not set")
+        return self
 
     def overrides(self) -> dict[str, Any]:
         return {"n_layer": self.n_layer, "n_head": self.n_head, "n_embd": self.n_embd,

@@ -24,7 +24,8 @@ import torch.distributed as dist
 from hybridray.exceptions import TrainError
 from hybridray.train import checkpoint as ckpt
 from hybridray.train.config import TrainConfig
-from hybridray.train.model import GPT, TOKENIZER, GPTConfig
+from hybridray.train.kinds import ModelKind, kind_of
+from hybridray.train.model import TOKENIZER
 from hybridray.train.wan import make_strategy
 
 CPU_PEAK_FLOPS_PER_CPU = 1e11      # MFU default on CPU: 100 GFLOP/s per logical CPU
@@ -207,22 +208,22 @@ def run_loop(spec: dict[str, Any], session: Session) -> dict[str, Any]:
     topology = Topology.model_validate(spec["topology"]) if spec.get("topology") else None
     tokens, bytes_read = (spec["tokens"], 0) if "tokens" in spec else load_tokens(
         spec["corpus"], spec["corpus_address"], topology)
-    gpt_config = GPTConfig.model_validate(spec["model_config"])
-    block = gpt_config.block_size
+    kind = kind_of(spec["model_config"], spec.get("model_fn"))
+    block = kind.block_size
     train_data = Sampler(tokens["train"], block, t.seed, "train")
     val_data = Sampler(tokens["val"], block, t.seed, "val")
 
     torch.manual_seed(t.seed)                # the same initial weights on every rank
-    raw = GPT(gpt_config).to(device)
+    raw = kind.build().to(device)
     torch.manual_seed(t.seed + rank)         # then each rank its own dropout stream
-    optimizer = raw.optimizer(t.lr, t.weight_decay, tuple(t.betas))
+    optimizer = kind.optimizer(raw, t.lr, t.weight_decay, tuple(t.betas))
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
     start_step, cursor, history, tokens_seen, wan_state, resumed_from = 0, 0, [], 0, None, None
 
     latest = session.latest_checkpoint()
     if latest is not None:
         reader = ckpt.CheckpointReader(latest)
-        state = _restore(reader, raw, optimizer, scaler, gpt_config, device)
+        state = _restore(reader, raw, optimizer, scaler, kind)
         start_step, cursor = state["step"], state["data"]["cursor"]
         history, tokens_seen = state.get("eval_history", []), state.get("tokens_seen", 0)
         wan_state, resumed_from = state.get("wan"), reader.label
@@ -230,7 +231,8 @@ def run_loop(spec: dict[str, Any], session: Session) -> dict[str, Any]:
         _set_rng(state.get("rng") if same_world else None, rank, device)
     elif spec.get("init_from"):
         reader = ckpt.CheckpointReader(spec["init_from"]["uri"])
-        raw.load_state_dict(ckpt.read_weights(reader, gpt_config), strict=False)
+        ckpt.check_fits(reader, ckpt.read_config(reader), kind)
+        raw.load_state_dict(ckpt.read_weights(reader, kind.config), strict=False)
 
     model = torch.compile(raw) if t.compile else raw
     wan = make_strategy(config.wan, sites, rank, device)
@@ -241,7 +243,7 @@ def run_loop(spec: dict[str, Any], session: Session) -> dict[str, Any]:
                 if t.precision != "fp32" else contextlib.nullcontext())
     per_step = t.micro_batch * t.grad_accum * world
     tokens_per_step = per_step * block
-    flops_per_token = raw.flops_per_token(block)
+    flops_per_token = kind.flops_per_token(raw, block)
     peak = peak_flops(config, device) * world
     board = spec.get("board")
 
@@ -255,7 +257,7 @@ def run_loop(spec: dict[str, Any], session: Session) -> dict[str, Any]:
         with torch.no_grad(), autocast:
             for i in range(0, len(mine), t.micro_batch):
                 x, y = val_data.batch(mine[i:i + t.micro_batch], device)
-                loss += raw(x, y)[1].float() * len(x)
+                loss += kind.loss(raw, x, y).float() * len(x)
                 count += len(x)
         raw.train()
         return _mean((loss / max(count, 1)).item(), world, device)
@@ -263,7 +265,7 @@ def run_loop(spec: dict[str, Any], session: Session) -> dict[str, Any]:
     common = {"site": site, "worker_sites": sites, "workers_per_site": dict(Counter(sites)),
               "world_size": world, "data_class": spec["data_class"],
               "resumed_from_step": start_step if resumed_from else None,
-              "params": raw.num_params(), "bytes_read": _gather(bytes_read, world)}
+              "params": kind.num_params(raw), "bytes_read": _gather(bytes_read, world)}
     if rank == 0 and board is not None:
         board.start.remote(start_step, bool(resumed_from), sites)
     if not history or history[-1][0] != start_step:
@@ -284,7 +286,7 @@ def run_loop(spec: dict[str, Any], session: Session) -> dict[str, Any]:
             x, y = train_data.batch(train_data.starts(first, t.micro_batch), device)
             sync = micro == t.grad_accum - 1 or not hasattr(model, "no_sync")
             with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
-                loss = model(x, y)[1] / t.grad_accum
+                loss = kind.loss(model, x, y) / t.grad_accum
             scaler.scale(loss).backward()
             loss_sum += loss.detach().float()
             loss_count += 1
@@ -353,10 +355,10 @@ def run_loop(spec: dict[str, Any], session: Session) -> dict[str, Any]:
     return metrics
 
 
-def _save(tmp: str, raw: GPT, optimizer: Any, scaler: Any, wan: Any, spec: dict[str, Any],
-          config: TrainConfig, s: dict[str, Any]) -> str:
+def _save(tmp: str, raw: torch.nn.Module, optimizer: Any, scaler: Any, wan: Any,
+          spec: dict[str, Any], config: TrainConfig, s: dict[str, Any]) -> str:
     ckpt.save_checkpoint(
-        tmp, raw,
+        tmp, raw, model_config=spec["model_config"],
         optimizer={"optimizer": optimizer.state_dict(),
                    "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                    "wan": wan.state_dict()},
@@ -375,11 +377,11 @@ def _save(tmp: str, raw: GPT, optimizer: Any, scaler: Any, wan: Any, spec: dict[
     return tmp
 
 
-def _restore(reader: ckpt.CheckpointReader, raw: GPT, optimizer: Any, scaler: Any,
-             gpt_config: GPTConfig, device: torch.device) -> dict[str, Any]:
+def _restore(reader: ckpt.CheckpointReader, raw: torch.nn.Module, optimizer: Any, scaler: Any,
+             kind: ModelKind) -> dict[str, Any]:
     """Load model, optimizer and scaler from ``reader``; returns state.json."""
     have = ckpt.read_config(reader)
-    ckpt.check_same_shape(have, gpt_config, reader)
+    ckpt.check_fits(reader, have, kind)
     raw.load_state_dict(ckpt.read_weights(reader, have), strict=False)
     opt = ckpt.read_optimizer(reader)
     try:

@@ -351,8 +351,13 @@ def generate(model: GPT, prompt_bytes: bytes | str, max_new_tokens: int = 256,
 
 
 def load_model(checkpoint_dir: Any, filesystem: Any = None, *, device: str | torch.device
-               = "cpu", dtype: torch.dtype | None = None) -> tuple[GPT, dict[str, Any]]:
+               = "cpu", dtype: torch.dtype | None = None, factory: Any = None
+               ) -> tuple[nn.Module, dict[str, Any]]:
     """Load a checkpoint written by hybridray training: ``(model, meta)``.
+
+    The model is a ``GPT``, or for a run of your own model (``model.factory``) the module
+    its factory builds: the factory recorded in the checkpoint is imported again, unless
+    ``factory`` (the callable) is given.
 
     ``checkpoint_dir`` is a local directory, a ``file://``/``s3://``/``gs://`` URI, a path
     inside ``filesystem`` (a ``pyarrow.fs.FileSystem``, e.g. from ``site_filesystem``) or a
@@ -365,4 +370,4 @@ def load_model(checkpoint_dir: Any, filesystem: Any = None, *, device: str | tor
     """
     from hybridray.train.checkpoint import load_model as _load
 
-    return _load(checkpoint_dir, filesystem, device=device, dtype=dtype)
+    return _load(checkpoint_dir, filesystem, device=device, dtype=dtype, factory=factory)

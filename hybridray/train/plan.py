@@ -20,6 +20,15 @@ from hybridray.exceptions import PlacementRefused, TrainError
 from hybridray.storage.fs import parse_address, site_filesystem
 from hybridray.topology.models import DataClass, Topology
 from hybridray.train.config import TrainConfig
+from hybridray.train.kinds import (
+    CustomKind,
+    CustomModelConfig,
+    GPTKind,
+    ModelKind,
+    factory_name,
+    resolve_factory,
+    ship_by_value,
+)
 
 
 @dataclass
@@ -36,16 +45,22 @@ class RunPlan:
     storage_fs: Any = field(repr=False)
     init_from: dict[str, Any] | None = None
     resume_step: int | None = None
+    model_name: str = "GPT"              # for the console: "tiny GPT", "model pkg.mod:build"
+    model_fn: Any = field(repr=False, default=None)   # a factory passed from Python, or None
 
 
-def plan_run(config: TrainConfig, cluster: Any) -> RunPlan:
+def plan_run(config: TrainConfig, cluster: Any, model_fn: Any = None) -> RunPlan:
     """Decide placement, classes and storage; raise before anything starts if refused.
+
+    ``model_fn`` is a model factory passed from Python (``train(config, model=fn)``); else
+    ``model.factory`` names one, else the run trains the built-in GPT.
 
     Raises:
         PlacementRefused: no site may (or can) run the workers, or the checkpoint site may
             not hold the data's class.
-        TrainError: the storage root cannot be written, or a checkpoint to start from or
-            resume is missing, corrupt or of another shape.
+        TrainError: the storage root cannot be written, a model factory cannot be imported
+            or built, or a checkpoint to start from or resume is missing, corrupt or of
+            another shape.
     """
     from hybridray.placement.workload import Workload, WorkloadKind
     from hybridray.train import checkpoint as ckpt
@@ -55,13 +70,15 @@ def plan_run(config: TrainConfig, cluster: Any) -> RunPlan:
     t = config.train
     data_addr = parse_address(config.data.output, topology)
     classes = {DataClass(config.data.data_class)}
-    model_config = GPTConfig.named(config.model.size, **config.model.overrides())
+    kind = _model_kind(config, model_fn)
     init = None
     if config.model.init_from:
         init = _resolve_checkpoint(config.model.init_from, topology)
         meta, init_config, state = ckpt.inspect_checkpoint(init["uri"])
         classes.add(DataClass(meta["data_class"]))
-        model_config = init_config.model_copy(update={"dropout": config.model.dropout})
+        if isinstance(kind, GPTKind) and isinstance(init_config, GPTConfig):
+            kind = GPTKind(init_config.model_copy(update={"dropout": config.model.dropout}))
+        ckpt.check_fits(ckpt.CheckpointReader(init["uri"]), init_config, kind)
         init.update(data_class=meta["data_class"], step=state["step"])
     data_class = max(classes)
 
@@ -99,11 +116,36 @@ def plan_run(config: TrainConfig, cluster: Any) -> RunPlan:
 
     run_name = config.name if t.resume == "auto" else \
         f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    resume_step = _vet_resume(fs, f"{storage_path}/{run_name}", model_config, data_class)
+    resume_step = _vet_resume(fs, f"{storage_path}/{run_name}", kind, data_class)
+    name = f"{config.model.size} GPT" if isinstance(kind, GPTKind) and not init else kind.label
     return RunPlan(run_name=run_name, data_class=data_class, placement=placement,
-                   model_config=model_config.model_dump(), storage_site=storage_site,
+                   model_config=kind.config.model_dump(), storage_site=storage_site,
                    storage_path=storage_path, storage_uri=storage_uri, storage_fs=fs,
-                   init_from=init, resume_step=resume_step)
+                   init_from=init, resume_step=resume_step, model_name=name,
+                   model_fn=getattr(kind, "fn", None))
+
+
+def _model_kind(config: TrainConfig, model_fn: Any) -> ModelKind:
+    """The run's model, built once on the meta device here so a factory that cannot be
+    imported, fails, or returns no module is refused before any worker starts."""
+    from hybridray.train.model import GPTConfig
+
+    m = config.model
+    if model_fn is None and m.factory is None:
+        return GPTKind(GPTConfig.named(m.size, **m.overrides()))
+    if model_fn is not None and not callable(model_fn):
+        raise TrainError(f"model={model_fn!r}: pass a callable that returns a "
+                         "torch.nn.Module (or set model.factory in the config)")
+    if model_fn is not None and m.factory is not None:
+        raise TrainError(f"model.factory={m.factory} and a model= callable were both given; "
+                         "pass one")
+    block = m.block_size or GPTConfig.named(m.size).block_size
+    fn = model_fn or resolve_factory(m.factory)
+    ship_by_value(fn)
+    kind = CustomKind(CustomModelConfig(factory=m.factory or factory_name(fn),
+                                        kwargs=m.kwargs, block_size=block), fn)
+    kind.expected_shapes()
+    return kind
 
 
 def _resolve_checkpoint(location: str, topology: Topology) -> dict[str, Any]:
@@ -151,7 +193,7 @@ def _check_elastic(config: Any, topology: Any, data_class: DataClass) -> None:
             f"placed. Use a fixed train.workers (e.g. {t.min_workers})")
 
 
-def _vet_resume(fs: Any, run_dir: str, model_config: Any, data_class: DataClass
+def _vet_resume(fs: Any, run_dir: str, kind: ModelKind, data_class: DataClass
                 ) -> int | None:
     """The step a resumed run continues from (None: fresh), after checking its checkpoint
     fits this run: same model shape, a class no higher than this run's."""
@@ -159,7 +201,7 @@ def _vet_resume(fs: Any, run_dir: str, model_config: Any, data_class: DataClass
 
     for reader in ckpt.complete_checkpoints(fs, run_dir):
         meta, have, state = ckpt.inspect_checkpoint(reader)
-        ckpt.check_same_shape(have, model_config, reader)
+        ckpt.check_fits(reader, have, kind)
         if DataClass(meta["data_class"]) > data_class:
             raise TrainError(f"{reader.where(ckpt.META_FILE)}: the run's checkpoints are "
                              f"{meta['data_class']}, above this run's {data_class.value}; "

@@ -139,7 +139,7 @@ class Display:
 
     def start(self) -> None:
         sites = Counter(self.plan.placement.assign(self.config.train.max_workers))
-        self.console.print(f"[bold]{self.plan.run_name}[/]: {self.config.model.size} GPT, "
+        self.console.print(f"[bold]{self.plan.run_name}[/]: {self.plan.model_name}, "
                            f"{self.plan.data_class.value} data, workers "
                            + ", ".join(f"{s}×{n}" for s, n in sites.items())
                            + f", wan {self.config.wan.mode}, checkpoints "

@@ -117,6 +117,7 @@ def build_trainer(config: TrainConfig, plan: RunPlan, corpus: Any, cluster: Any,
         "config": config.model_dump(mode="json"),
         "topology": cluster.topology.model_dump(mode="json"),
         "model_config": plan.model_config,
+        "model_fn": plan.model_fn,           # a factory passed from Python (cloudpickled)
         "data_class": plan.data_class.value,
         "corpus": corpus.data, "corpus_address": str(corpus.address),
         "init_from": plan.init_from, "run_name": plan.run_name, "cluster": cluster.name,
@@ -154,15 +155,19 @@ def _restart_placement(selector: dict[str, str], sites: list[str]):
 
 
 def train(config: TrainConfig | str | os.PathLike | dict, cluster: Any = None, *,
-          overrides: list[str] | tuple[str, ...] = (), progress: bool | None = None
-          ) -> TrainResult:
-    """Train a byte-level GPT on a hybridray cluster, placed by policy.
+          overrides: list[str] | tuple[str, ...] = (), progress: bool | None = None,
+          model: Any = None) -> TrainResult:
+    """Train a byte-level language model (the built-in GPT, or yours) on a hybridray
+    cluster, placed by policy.
 
     Args:
         config: a ``TrainConfig``, a YAML path (``configs/train/*.yaml``) or a dict.
         cluster: a connected ``hybridray.Cluster``; default ``hybridray.connect(config.cluster)``.
         overrides: ``key.sub=value`` strings applied before validation.
         progress: show the live console display (default: ``metrics.progress``).
+        model: your own model instead of the GPT: a callable returning a ``torch.nn.Module``
+            that maps byte ids ``(B, T)`` to logits ``(B, T, 256)``; it is called on every
+            worker with ``model.kwargs`` (see ``hybridray.train.kinds``).
 
     Returns:
         A ``TrainResult``: checkpoint address, worker-reported sites, eval history, tokens/s,
@@ -186,7 +191,7 @@ def train(config: TrainConfig | str | os.PathLike | dict, cluster: Any = None, *
         raise ClusterError("the cluster is not connected; use hybridray.connect(NAME)")
     show = config.metrics.progress if progress is None else progress
     started = time.time()
-    plan = plan_run(config, cluster)
+    plan = plan_run(config, cluster, model_fn=model)
     cluster.audit.record("train-start", cluster=cluster.name, run=plan.run_name,
                          data_class=plan.data_class.value, sites=plan.placement.assign(
                              config.train.max_workers), storage=plan.storage_uri,

@@ -163,3 +163,70 @@ def test_an_elastic_group_trains_with_what_fits_of_its_range(hr_cluster):
     assert 1 <= len(r.worker_sites) <= 3
     assert set(r.worker_sites) <= {"onprem", "cloud-a", "cloud-b"}
     assert r.steps == 6 and r.checkpoint.endswith("checkpoint-00000006")
+
+
+OWN_MODEL = '''
+import torch
+from torch import nn
+
+
+class ByteGRU(nn.Module):
+    """A user's own byte-level model: embedding, GRU, output layer."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.emb = nn.Embedding(256, width)
+        self.rnn = nn.GRU(width, width, batch_first=True)
+        self.out = nn.Linear(width, 256)
+
+    def forward(self, idx):
+        hidden, _ = self.rnn(self.emb(idx))
+        return self.out(hidden)
+
+
+def build(width=32):
+    return ByteGRU(width)
+'''
+
+
+def test_own_model_in_a_file_beside_the_config_trains_from_the_cli(local_cluster, tmp_path):
+    """model.factory names a module in the working directory: no install on any node (the
+    CLI imports it from there and ships it to the workers by value)."""
+    import os
+    import subprocess
+    import sys
+
+    from hybridray.cluster import ray_env
+
+    (tmp_path / "mymodel.py").write_text(OWN_MODEL)
+    (tmp_path / "own.yaml").write_text("name: own-model\nmodel:\n  factory: mymodel:build\n"
+                                       "  kwargs: {width: 48}\n")
+    cli = Path(sys.executable).with_name("hybridray")
+    proc = subprocess.run(
+        [str(cli), "train", "own.yaml", *FAST, "train.steps=30", "train.lr=3e-3",
+         "train.log_interval=10", "train.eval_interval=15", "train.checkpoint_interval=30",
+         "--json", "--cluster", local_cluster.name],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+        env={**os.environ, **ray_env(local_cluster)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout)
+    assert r["steps"] == 30 and r["worker_sites"] == ["onprem", "onprem"]   # restricted data
+    assert r["final_eval_loss"] < r["initial_eval_loss"] - 0.5
+    ck = Path(r["checkpoint_uri"].removeprefix("file://"))
+    assert json.loads((ck / "model_config.json").read_text()) == {
+        "kind": "custom", "factory": "mymodel:build", "kwargs": {"width": 48},
+        "block_size": 32, "vocab_size": 256}
+
+
+def test_own_model_passed_from_python_trains_and_loads_back(hr_cluster):
+    from tests.train import custom_models
+
+    r = train({"name": "own-model-py"}, hr_cluster, progress=False, overrides=[
+        *FAST, "train.steps=6", "train.log_interval=3", "train.eval_interval=6",
+        "train.checkpoint_interval=6"], model=lambda: custom_models.build(width=16))
+    assert r.steps == 6 and set(r.worker_sites) == {"onprem"}
+    model, meta = load_model(r.checkpoint_uri, factory=lambda: custom_models.build(width=16))
+    assert isinstance(model, custom_models.ByteConvLM)
+    assert meta["model_config"]["factory"].startswith("tests.train.test_train_cluster:")
+    with pytest.raises(TrainError, match="does not match the model"):
+        load_model(r.checkpoint_uri, factory=lambda: custom_models.build(width=8))

@@ -7,6 +7,7 @@ Face Hub access is switched off before the library is imported.
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -57,6 +58,11 @@ class Embedder:
                               if hasattr(self.model, "get_embedding_dimension")
                               else self.model.get_sentence_embedding_dimension())
         self.max_tokens = int(self.model.max_seq_length)
+        # A tokenizer of its own for counting: a fast tokenizer keeps padding and truncation
+        # as state on its backend, set on every call, so counting (no padding) on the event
+        # loop while a batch encodes (padding) in a worker thread made that batch fail
+        # ("Unable to create tensor ... activate padding"): 2 requests in 800 under load.
+        self.counter = copy.deepcopy(self.model.tokenizer)
         texts = list(calibration.SENTENCES)
         with torch.inference_mode():
             reference = torch.from_numpy(self.encode(texts))
@@ -81,8 +87,8 @@ class Embedder:
 
     def token_counts(self, texts: list[str]) -> list[int]:
         """Tokens of each text as the model reads it (special tokens included)."""
-        ids = self.model.tokenizer(texts, add_special_tokens=True, truncation=False,
-                                   verbose=False)["input_ids"]
+        ids = self.counter(texts, add_special_tokens=True, truncation=False,
+                           verbose=False)["input_ids"]
         return [len(x) for x in ids]
 
     def encode(self, texts: list[str]):

@@ -63,6 +63,43 @@ def test_fp32_embeddings_are_unit_vectors_of_the_model_width(embedders):
     assert fp32.token_counts(["hello world"]) == [4]     # [CLS] hello world [SEP]
 
 
+def test_counting_tokens_while_a_batch_encodes_never_breaks_the_batch(embedders):
+    """The replica counts a request's tokens on its event loop while a batch encodes in a
+    worker thread. A fast tokenizer keeps padding as state set on each call, so one shared
+    tokenizer let a count switch padding off under a batch (a 500 in the serving benchmark).
+    Thread switches are forced to be frequent so the two calls interleave."""
+    import sys
+    import threading
+    import time
+
+    fp32, _ = embedders
+    assert fp32.counter is not fp32.model.tokenizer
+    texts = [s * (1 + i % 5) for i, s in enumerate(calibration.SENTENCES)]
+    failures: list[str] = []
+    stop = time.monotonic() + 3
+
+    def encode():
+        while time.monotonic() < stop:
+            try:
+                assert fp32.encode(texts[:8]).shape == (8, fp32.dimensions)
+            except Exception as e:  # recorded: the test fails on any
+                failures.append(repr(e)[:200])
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        worker = threading.Thread(target=encode)
+        worker.start()
+        counted = 0
+        while time.monotonic() < stop:
+            assert fp32.token_counts([texts[counted % len(texts)]])[0] > 2
+            counted += 1
+        worker.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert counted > 1000 and failures == []
+
+
 def test_a_tighter_bound_keeps_the_most_sensitive_layers_in_fp32():
     from hybridray.serve.embedding import Embedder
 

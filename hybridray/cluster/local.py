@@ -102,10 +102,11 @@ def up(topology: Topology, *, source_file: str | os.PathLike | None = None,
 
             given_tls = local_cert(state_dir / "tls", name, _node_ip()).env()
         pinned = {p for p in (port, dashboard_port) if p is not None}
-        picked = iter(free_ports(5, exclude=pinned))
+        picked = iter(free_ports(7, exclude=pinned))
         ports = {"gcs": port or next(picked), "dashboard": dashboard_port or next(picked),
                  "client_server": next(picked), "dashboard_metrics": next(picked),
-                 "autoscaler_metrics": next(picked)}
+                 "autoscaler_metrics": next(picked), "haproxy_metrics": next(picked),
+                 "haproxy_stats": next(picked)}
         state = ClusterState(
             name=name, address=f"{_node_ip()}:{ports['gcs']}", token_path=str(token_path),
             temp_dir=temp_dir, home=str(home_path), ports=ports, dashboard=dashboard,
@@ -119,7 +120,7 @@ def up(topology: Topology, *, source_file: str | os.PathLike | None = None,
             save_state(state)
             _start_nodes(state, specs, timeout=timeout, say=say, pinned=pinned)
         except BaseException as e:
-            stopped = _stop_nodes(state.nodes)
+            stopped = _stop_nodes(state.nodes, temp_dir=state.temp_dir)
             _remove_runtime(state)
             if isinstance(e, ClusterError):
                 raise ClusterError(f"{e}\nstopped the {len(stopped)} node process(es) "
@@ -145,7 +146,7 @@ def _start_nodes(state: ClusterState, specs: list[NodeSpec], *, timeout: float, 
             raise
         first = str(e).splitlines()[0]
     say(f"  Ray gave up on a slow start ({first}); starting the cluster once more")
-    _stop_nodes(state.nodes)
+    _stop_nodes(state.nodes, temp_dir=state.temp_dir)
     state.nodes.clear()
     for child in Path(state.temp_dir).iterdir():
         shutil.rmtree(child, ignore_errors=True)
@@ -174,7 +175,7 @@ def down(name: str, *, home: str | os.PathLike | None = None,
             state = load_state(name, home=home)
         except ClusterNotFound:
             return []  # down already ran; the directory only keeps the logs
-        stopped = _stop_nodes(state.nodes, timeout)
+        stopped = _stop_nodes(state.nodes, timeout, temp_dir=state.temp_dir)
         _remove_runtime(state)
         return stopped
 
@@ -262,9 +263,11 @@ def _node_ip() -> str:
 
 # ---- stopping -----------------------------------------------------------------------------
 
-def _stop_nodes(nodes: list[NodeRecord], timeout: float = STOP_TIMEOUT_S) -> list[int]:
-    """SIGTERM workers, then the head; SIGKILL each node's group for whatever remains, and
-    any process the nodes started outside their groups."""
+def _stop_nodes(nodes: list[NodeRecord], timeout: float = STOP_TIMEOUT_S, *,
+                temp_dir: str = "") -> list[int]:
+    """SIGTERM workers, then the head; SIGKILL each node's group for whatever remains, any
+    process the nodes started outside their groups, and a Serve HAProxy still running with
+    this cluster's config (orphaned when its manager actor died, it can linger 120 s)."""
     stopped = [n.pid for n in nodes if n.alive()]
     below = descendants([n.pid for n in nodes if n.leader_alive()])
     deadline = time.monotonic() + timeout
@@ -284,6 +287,10 @@ def _stop_nodes(nodes: list[NodeRecord], timeout: float = STOP_TIMEOUT_S) -> lis
     _wait_gone(nodes, time.monotonic() + 5)
     for pid, started in below.items():   # same pid and start time: still the one we saw
         if process_start_time(pid) == started:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+    if temp_dir:   # only what runs with the HAProxy config this cluster gave its nodes
+        for pid in processes_using(f"{temp_dir.rstrip('/')}/haproxy/"):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
     return stopped

@@ -247,4 +247,21 @@ def _child_env(state: ClusterState, role: str) -> dict[str, str]:
     if role == "head":  # the head's two Prometheus endpoints have fixed defaults otherwise
         env["DASHBOARD_METRIC_PORT"] = str(state.ports["dashboard_metrics"])
         env["AUTOSCALER_METRIC_PORT"] = str(state.ports["autoscaler_metrics"])
+        env.update(haproxy_env(state))
     return env
+
+
+def haproxy_env(state: ClusterState) -> dict[str, str]:
+    """Serve's HAProxy proxy (``RAY_SERVE_ENABLE_HA_PROXY=1``, head-only proxies) per cluster.
+
+    Ray's defaults are machine-wide ports (9101 and 8404), so a second cluster's HAProxy
+    could not start; and an HAProxy left in its graceful stop (up to 120 s) after its
+    manager died was invisible to ``down``. With its config file under the cluster's temp
+    dir its command line names that dir, which ``down`` sweeps. (Its unix sockets stay in
+    Ray's short default directory, per node: HAProxy allows 97 bytes of socket path.)
+    """
+    if "haproxy_metrics" not in state.ports:     # a cluster started by an older hybridray
+        return {}
+    return {"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{state.temp_dir}/haproxy/haproxy.cfg",
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(state.ports["haproxy_metrics"]),
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(state.ports["haproxy_stats"])}

@@ -206,6 +206,40 @@ def test_stopping_a_node_also_stops_what_it_started_outside_its_group():
             leader.wait()
 
 
+def test_an_haproxy_orphaned_before_down_is_still_stopped(tmp_path):
+    """Serve's HAProxy outlives its manager actor in a graceful stop of up to 120 s, and by
+    then it is no node's descendant; it runs with the config the cluster gave its head, and
+    that path names the cluster's temp dir."""
+    from hybridray.cluster.startup import haproxy_env
+    from hybridray.cluster.state import ClusterState
+
+    temp_dir = str(tmp_path / "hr-0-x")
+    state = ClusterState(name="x", address="a:1", token_path="t", temp_dir=temp_dir,
+                         home=str(tmp_path), ports={"haproxy_metrics": 40001,
+                                                    "haproxy_stats": 40002})
+    env = haproxy_env(state)
+    assert env["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"] == f"{temp_dir}/haproxy/haproxy.cfg"
+    assert env["RAY_SERVE_HAPROXY_METRICS_PORT"] == "40001"
+    assert env["RAY_SERVE_HAPROXY_STATS_PORT"] == "40002"
+    assert haproxy_env(ClusterState(name="x", address="a:1", token_path="t", temp_dir="d",
+                                    home="h", ports={"gcs": 1})) == {}   # older clusters
+
+    config = f"{temp_dir}/haproxy/0123abcd/haproxy.cfg"
+    sleep = [sys.executable, "-c", "import time; time.sleep(60)", "-f"]
+    orphan = subprocess.Popen([*sleep, config], start_new_session=True)
+    stranger = subprocess.Popen([*sleep, f"{tmp_path}/other/haproxy/haproxy.cfg"],
+                                start_new_session=True)
+    try:
+        assert _stop_nodes([], timeout=1, temp_dir=temp_dir) == []
+        assert orphan.wait(timeout=5) == -signal.SIGKILL
+        assert stranger.poll() is None          # another cluster's (or nobody's) is left alone
+    finally:
+        for proc in (orphan, stranger):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
 def test_up_forgets_a_cluster_whose_processes_all_died(tmp_path):
     dead = subprocess.Popen(["true"])
     dead.wait()

@@ -38,9 +38,8 @@ def local_cluster(hybridray_home):
     Its file:// storage roots live under ``${HYBRIDRAY_HOME}``, i.e. the session's home.
     """
     from hybridray.cluster import down, up
-    from hybridray.topology import load_topology
-
     from hybridray.exceptions import ClusterError
+    from hybridray.topology import load_topology
 
     topology = load_topology(CLUSTERS / "local.yaml")
     for attempt in (1, 2):  # one retry: Ray's own node start-up can time out on a busy box

@@ -14,7 +14,6 @@ from hybridray import labels as L
 from hybridray.placement.decision import Placement
 from hybridray.topology.models import DataClass
 
-
 # Fallbacks beyond this many are merged into one final ``in(...)`` selector: Ray tries each
 # fallback in turn, so a 50-site list would be slow to schedule for little gain in order.
 MAX_ORDERED_FALLBACKS = 8

@@ -295,7 +295,8 @@ class Head(_Strict):
     """Where the Ray head runs. It gets no logical CPUs by default, so work lands on sites."""
 
     site: str = Field(description="Site that hosts the head node.")
-    cpus: float = Field(0, ge=0, le=4096, description="Logical CPUs on the head (0 keeps work off).")
+    cpus: float = Field(0, ge=0, le=4096,
+                        description="Logical CPUs on the head (0 keeps work off).")
     object_store_mb: int = Field(100, ge=80, le=1_048_576, description="Head object store size.")
 
 

@@ -19,7 +19,6 @@ from hybridray.placement import (
     task_options,
 )
 from hybridray.topology import DataClass, load_topology
-
 from tests.paths import CLUSTERS
 
 

@@ -1,11 +1,12 @@
 """Serving benchmarks, every figure against the plain alternative measured in the same run.
 
-    python benchmarks/bench_serve.py                  # all sections (about 10 minutes on 2 cores)
+    python benchmarks/bench_serve.py                  # all sections (about 20 minutes on 2 cores)
     python benchmarks/bench_serve.py --only embed     # embed | overhead | quant | autoscale
 
 1. **embed**: the hybridray embedding endpoint (int8 + ``@serve.batch``, through Serve's proxy
    and the ingress) against a plain FastAPI + uvicorn server running the same model in fp32,
-   one request at a time: throughput at concurrency 16, p50 latency at concurrency 1.
+   one request at a time: throughput at concurrency 16, p50 latency at concurrency 1; Serve's
+   default proxy and HAProxy + throughput-optimised, 1 and 2 model replicas (1 CPU each).
 2. **overhead**: a no-op route on Ray Serve (default settings, throughput-optimised, HAProxy)
    against the same route on plain uvicorn.
 3. **quant**: int8 against fp32 in-process: speed and accuracy (embeddings, GPT sizes).
@@ -82,6 +83,7 @@ async def _load(port: int, path: str, bodies: list, concurrency: int, seconds: f
                 count: int | None, token: str | None, method: str):
     latencies: list[float] = []
     errors = 0
+    kinds: dict[str, int] = {}      # what each error was: an HTTP status or an exception
     stop_at = time.perf_counter() + seconds
     sent = 0
 
@@ -98,8 +100,9 @@ async def _load(port: int, path: str, bodies: list, concurrency: int, seconds: f
                 t = time.perf_counter()
                 try:
                     status = await _request(reader, writer, raw)
-                except (OSError, asyncio.IncompleteReadError, ValueError):
+                except (OSError, asyncio.IncompleteReadError, ValueError) as e:
                     errors += 1
+                    kinds[type(e).__name__] = kinds.get(type(e).__name__, 0) + 1
                     writer.close()
                     reader, writer = await asyncio.open_connection("127.0.0.1", port)
                     continue
@@ -107,12 +110,13 @@ async def _load(port: int, path: str, bodies: list, concurrency: int, seconds: f
                     latencies.append(time.perf_counter() - t)
                 else:
                     errors += 1
+                    kinds[str(status)] = kinds.get(str(status), 0) + 1
         finally:
             writer.close()
 
     started = time.perf_counter()
     await asyncio.gather(*(worker(i) for i in range(concurrency)))
-    return latencies, errors, time.perf_counter() - started
+    return latencies, errors, time.perf_counter() - started, kinds
 
 
 def _load_proc(args, queue):
@@ -124,8 +128,8 @@ def load(port: int, path: str, bodies: list | None, *, concurrency: int, seconds
          procs: int = 1) -> dict:
     """Drive ``concurrency`` keep-alive connections (split over ``procs`` processes)."""
     if procs == 1:
-        lat, err, wall = asyncio.run(_load(port, path, bodies or [], concurrency, seconds, count,
-                                           token, method))
+        lat, err, wall, kinds = asyncio.run(_load(port, path, bodies or [], concurrency, seconds,
+                                                  count, token, method))
     else:
         ctx = mp.get_context("fork")
         queue = ctx.Queue()
@@ -141,9 +145,24 @@ def load(port: int, path: str, bodies: list | None, *, concurrency: int, seconds
         lat = [x for r in results for x in r[0]]
         err = sum(r[1] for r in results)
         wall = max(r[2] for r in results)
+        kinds = {}
+        for r in results:
+            for k, v in r[3].items():
+                kinds[k] = kinds.get(k, 0) + v
     lat.sort()
     return {"rps": len(lat) / wall if wall else 0.0, "p50_ms": _quantile(lat, 0.5),
-            "p99_ms": _quantile(lat, 0.99), "ok": len(lat), "errors": err}
+            "p99_ms": _quantile(lat, 0.99), "ok": len(lat), "errors": err, "error_kinds": kinds}
+
+
+def _errors(*runs: dict) -> str:
+    """``0``, or the count and what the errors were, e.g. ``2 (503: 1, OSError: 1)``."""
+    kinds: dict[str, int] = {}
+    for r in runs:
+        for k, v in r.get("error_kinds", {}).items():
+            kinds[k] = kinds.get(k, 0) + v
+    total = sum(r["errors"] for r in runs)
+    return f"{total} ({', '.join(f'{k}: {v}' for k, v in sorted(kinds.items()))})" if total \
+        else "0"
 
 
 def _quantile(sorted_s: list[float], q: float) -> float:
@@ -256,7 +275,11 @@ def bench_cluster(home: str, env: dict[str, str] | None = None):
 
 def embed_service(port: int, *, min_replicas: int = 1, max_replicas: int = 1,
                   target: float = 16.0, upscale_delay_s: float = 2.0, cpus: float = 1.0,
-                  threads: int = 2, quantize: str = "int8"):
+                  threads: int = 1, quantize: str = "int8"):
+    # threads=1 is the replica default (one torch thread per replica CPU). On 2 cores a
+    # second intra-op thread doubled the CPU per text of a small batch (its spin-waits;
+    # measured in-process: 7.4 vs 5.2 ms CPU/text at batch 16, 19.4 vs 10.2 at batch 1)
+    # for little wall-time gain, CPU that the proxy and the ingress need.
     from hybridray.serve.config import parse_serve_config
 
     return parse_serve_config(f"""
@@ -284,7 +307,7 @@ models:
 FAST_SERVE = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
 
 
-def serve_embed_side(home: str, fast: bool) -> dict:
+def serve_embed_side(home: str, fast: bool, replicas: int = 1) -> dict:
     """The Serve side of the embedding comparison, on a fresh one-site cluster (run in a
     child process, so Serve's environment flags apply to every Serve process)."""
     import hybridray
@@ -297,13 +320,20 @@ def serve_embed_side(home: str, fast: bool) -> dict:
         os.environ.update(ray_env(state))
         os.environ["HYBRIDRAY_SERVE_TOKENS"] = TOKEN
         port = free_port()
-        deploy(embed_service(port), cluster=hybridray.connect(state.name), timeout_s=600)
+        deploy(embed_service(port, min_replicas=replicas, max_replicas=replicas),
+               cluster=hybridray.connect(state.name), timeout_s=600)
         load(port, "/v1/embeddings", bodies, concurrency=4, seconds=3)                 # warm
-        return {"c16": load(port, "/v1/embeddings", bodies, concurrency=16, seconds=15),
+        return {"c16": load(port, "/v1/embeddings", bodies, concurrency=16, seconds=20),
                 "c1": load(port, "/v1/embeddings", bodies, concurrency=1, seconds=10)}
     finally:
         _disconnect()
         down(state.name, home=home)
+
+
+# (proxy settings, model replicas of 1 CPU and 1 torch thread each) measured for embeddings
+EMBED_SIDES = (("default", 1), ("fast", 1), ("default", 2), ("fast", 2))
+SIDE_NAMES = {"default": "Serve default settings",
+              "fast": "HAProxy + throughput-optimised"}
 
 
 def section_embed(home: str, results: dict) -> None:
@@ -313,40 +343,37 @@ def section_embed(home: str, results: dict) -> None:
     try:
         wait_http(port)
         load(port, "/v1/embeddings", bodies, concurrency=4, seconds=3, token=None)   # warm
-        plain16 = load(port, "/v1/embeddings", bodies, concurrency=16, seconds=15, token=None)
+        plain16 = load(port, "/v1/embeddings", bodies, concurrency=16, seconds=20, token=None)
         plain1 = load(port, "/v1/embeddings", bodies, concurrency=1, seconds=10, token=None)
     finally:
         stop(plain)
     sides = {}
-    for fast in (False, True):
+    for proxy, replicas in EMBED_SIDES:
         out = subprocess.run([sys.executable, __file__, "--serve-embed-side",
-                              "fast" if fast else "default"], capture_output=True, text=True,
+                              f"{proxy}:{replicas}"], capture_output=True, text=True,
                              env={**os.environ, "HYBRIDRAY_HOME": home}, timeout=1500)
         line = [x for x in out.stdout.splitlines() if x.startswith("SIDE ")]
         if not line:
             raise RuntimeError(f"serve side failed: {out.stderr[-2000:]}")
-        sides[fast] = json.loads(line[-1][5:])
-    results["embed"] = {"plain16": plain16, "plain1": plain1, "serve": sides[False],
-                        "serve_fast": sides[True]}
+        sides[f"{proxy}:{replicas}"] = json.loads(line[-1][5:])
+    results["embed"] = {"plain16": plain16, "plain1": plain1, "serve": sides}
     print(f"\n### Embeddings: hybridray (int8 + @serve.batch) vs plain FastAPI fp32\n\n"
-          f"`{COMMAND} --only embed`, MiniLM-L6, one input per request, 2 torch threads "
-          "each side; Serve default settings, and with HAProxy + throughput-optimised\n")
-    print("| | plain uvicorn fp32, 1 at a time | hybridray, Serve default | ratio | "
-          "hybridray, HAProxy + throughput-optimised | ratio |")
-    print("|---|---:|---:|---:|---:|---:|")
-    d, f = sides[False], sides[True]
-    print(f"| throughput @16 (req/s) | {plain16['rps']:.1f} | {d['c16']['rps']:.1f} | "
-          f"{d['c16']['rps'] / plain16['rps']:.2f}x | {f['c16']['rps']:.1f} | "
-          f"{f['c16']['rps'] / plain16['rps']:.2f}x |")
-    print(f"| p50 @16 (ms) | {plain16['p50_ms']:.1f} | {d['c16']['p50_ms']:.1f} | "
-          f"{d['c16']['p50_ms'] / plain16['p50_ms']:.2f}x | {f['c16']['p50_ms']:.1f} | "
-          f"{f['c16']['p50_ms'] / plain16['p50_ms']:.2f}x |")
-    print(f"| p50 @1 (ms) | {plain1['p50_ms']:.1f} | {d['c1']['p50_ms']:.1f} | "
-          f"{d['c1']['p50_ms'] / plain1['p50_ms']:.2f}x | {f['c1']['p50_ms']:.1f} | "
-          f"{f['c1']['p50_ms'] / plain1['p50_ms']:.2f}x |")
-    print(f"| errors | {plain16['errors'] + plain1['errors']} | "
-          f"{d['c16']['errors'] + d['c1']['errors']} | | "
-          f"{f['c16']['errors'] + f['c1']['errors']} | |")
+          f"`{COMMAND} --only embed`, MiniLM-L6, one input per request, 16 clients for 20 s "
+          "and 1 client for 10 s; plain server 2 torch threads (its faster setting); "
+          "hybridray model replicas of 1 CPU and 1 torch thread each (the default: one per "
+          "replica CPU), behind Serve's proxy and the hybridray ingress\n")
+    print("| server | throughput @16 (req/s) | vs plain | p50 @16 (ms) | p50 @1 (ms) | "
+          "vs plain | errors |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    print(f"| plain uvicorn fp32, 1 request at a time | {plain16['rps']:.1f} | 1.00x | "
+          f"{plain16['p50_ms']:.1f} | {plain1['p50_ms']:.1f} | 1.00x | "
+          f"{_errors(plain16, plain1)} |")
+    for proxy, replicas in EMBED_SIDES:
+        r = sides[f"{proxy}:{replicas}"]
+        print(f"| hybridray, {SIDE_NAMES[proxy]}, {replicas} replica{'s' * (replicas > 1)} | "
+              f"{r['c16']['rps']:.1f} | {r['c16']['rps'] / plain16['rps']:.2f}x | "
+              f"{r['c16']['p50_ms']:.1f} | {r['c1']['p50_ms']:.1f} | "
+              f"{r['c1']['p50_ms'] / plain1['p50_ms']:.2f}x | {_errors(r['c16'], r['c1'])} |")
 
 
 NOOP_SERVE = '''
@@ -433,7 +460,7 @@ def section_overhead(results: dict) -> None:
     print("|---|---:|---:|---:|---:|---:|")
     for name, r in rows:
         print(f"| {name} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
-              f"{r['errors']} | {r['rps'] / base['rps']:.3f}x |")
+              f"{_errors(r)} | {r['rps'] / base['rps']:.3f}x |")
 
 
 def section_quant(results: dict) -> None:
@@ -563,14 +590,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=["embed", "overhead", "quant", "autoscale"],
                         action="append")
-    parser.add_argument("--serve-embed-side", choices=["default", "fast"],
+    parser.add_argument("--serve-embed-side", choices=[f"{p}:{n}" for p, n in EMBED_SIDES],
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_embed_side:
-        fast = args.serve_embed_side == "fast"
+        proxy, replicas = args.serve_embed_side.split(":")
+        fast = proxy == "fast"
         if fast:
             os.environ.update(FAST_SERVE)   # before Ray is imported in this process
-        side = serve_embed_side(os.environ["HYBRIDRAY_HOME"], fast)
+        side = serve_embed_side(os.environ["HYBRIDRAY_HOME"], fast, int(replicas))
         print("SIDE " + json.dumps(side), flush=True)
         return 0
     todo = args.only or ["quant", "overhead", "embed", "autoscale"]

@@ -21,7 +21,7 @@ from typing import Any
 from hybridray import cluster
 from hybridray.cluster.plan import plan_nodes
 from hybridray.cluster.state import cluster_dir
-from hybridray.commands.validate import split_overrides
+from hybridray.commands.validate import one_file, split_overrides
 from hybridray.exceptions import ClusterNotFound, ConfigError
 from hybridray.topology import load_topology
 
@@ -85,10 +85,8 @@ def _console() -> Any:
 
 
 def run_up(args: argparse.Namespace) -> int:
-    files, overrides = split_overrides(args.items)
-    if len(files) != 1:
-        raise ConfigError("give exactly one cluster file, e.g. hybridray up clusters/local.yaml")
-    topology = load_topology(files[0], overrides)
+    path, overrides = one_file(args.items, "cluster file", "hybridray up clusters/local.yaml")
+    topology = load_topology(path, overrides)
     nodes = plan_nodes(topology, simulate=args.simulate)  # refuses non-local sites up front
     tls = _tls_option(args)
     print(f"starting cluster {topology.name!r}: {len(nodes)} nodes at {len(topology.sites)} "
@@ -97,7 +95,7 @@ def run_up(args: argparse.Namespace) -> int:
     # SIGTERM (e.g. from `timeout`) stops what was started, as Ctrl-C does
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        state = cluster.up(topology, source_file=files[0], overrides=overrides,
+        state = cluster.up(topology, source_file=path, overrides=overrides,
                            simulate=args.simulate, dashboard=args.dashboard, port=args.port,
                            dashboard_port=args.dashboard_port, timeout=args.timeout,
                            progress=lambda line: print(line, flush=True), tls=tls)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from hybridray.commands.validate import split_overrides
+from hybridray.commands.validate import one_file
 from hybridray.exceptions import ConfigError, HybridRayError
 from hybridray.topology import load_topology
 
@@ -74,11 +74,9 @@ def run_render(args: argparse.Namespace) -> int:
     from hybridray.deploy.common import RenderOptions
     from hybridray.deploy.render import render
 
-    files, overrides = split_overrides(args.items)
-    if len(files) != 1:
-        raise ConfigError("give exactly one cluster file, e.g. "
-                          "hybridray render clusters/onprem-aws.yaml --out build/onprem-aws/")
-    topology = load_topology(files[0], overrides)
+    path, overrides = one_file(args.items, "cluster file", "hybridray render "
+                               "clusters/onprem-aws.yaml --out build/onprem-aws/")
+    topology = load_topology(path, overrides)
     options = RenderOptions(head_address=args.head_address, tls=args.tls,
                             secrets_dir=args.secrets_dir, gcp_project=args.gcp_project,
                             image=args.image)
@@ -93,11 +91,9 @@ def run_render(args: argparse.Namespace) -> int:
 def run_certs(args: argparse.Namespace) -> int:
     from hybridray.deploy.secrets import make_secrets
 
-    files, overrides = split_overrides(args.items)
-    if len(files) != 1:
-        raise ConfigError("give exactly one cluster file, e.g. "
-                          "hybridray certs clusters/onprem-aws.yaml --out secrets/")
-    topology = load_topology(files[0], overrides)
+    path, overrides = one_file(args.items, "cluster file",
+                               "hybridray certs clusters/onprem-aws.yaml --out secrets/")
+    topology = load_topology(path, overrides)
     made = make_secrets(topology, args.out, head=args.head_address, hosts=args.hosts,
                         rotate_token=args.rotate_token)
     for line in made:

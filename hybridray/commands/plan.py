@@ -26,7 +26,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from hybridray.commands.validate import split_overrides
+from hybridray.commands.validate import one_file
 from hybridray.exceptions import ConfigError, PlanInfeasible
 from hybridray.planner import Demand, Plan, compare
 from hybridray.topology import DataClass, load_topology
@@ -59,11 +59,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    files, overrides = split_overrides(args.items)
-    if len(files) != 1:
-        raise ConfigError(f"give exactly one cluster file (got {len(files)}); try: hybridray "
-                          f"plan clusters/onprem-aws.yaml {EXAMPLE}")
-    topology = load_topology(files[0], overrides)
+    path, overrides = one_file(args.items, "cluster file",
+                               f"hybridray plan clusters/onprem-aws.yaml {EXAMPLE}")
+    topology = load_topology(path, overrides)
     demand = build_demand(args.demand, args.demand_file, args.hours)
     plans = compare(topology, demand)
     best = plans["optimal"]

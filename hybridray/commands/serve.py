@@ -14,7 +14,7 @@ import argparse
 import json
 from typing import Any
 
-from hybridray.commands.validate import split_overrides
+from hybridray.commands.validate import one_file
 from hybridray.exceptions import ConfigError
 
 
@@ -46,13 +46,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from hybridray.serve.config import load_serve_config
 
-    files, overrides = split_overrides(args.items)
-    if len(files) != 1:
-        raise ConfigError("give one serve file, e.g. hybridray serve "
-                          "jobs/configs/serve-embed.yaml")
+    path, overrides = one_file(args.items, "serve file",
+                               "hybridray serve jobs/configs/serve-embed.yaml")
     if args.cluster:
         overrides = [*overrides, f"cluster={args.cluster}"]
-    config = load_serve_config(files[0], overrides)
+    config = load_serve_config(path, overrides)
     if args.plan or args.render:
         return _plan(config, render=args.render, as_json=args.json)
     from hybridray.serve import service as D

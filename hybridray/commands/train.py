@@ -13,8 +13,7 @@ import sys
 from collections import Counter
 from typing import Any
 
-from hybridray.commands.validate import split_overrides
-from hybridray.exceptions import ConfigError
+from hybridray.commands.validate import one_file
 from hybridray.train.config import WAN_MODES
 
 
@@ -39,15 +38,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from hybridray.train.config import load_train_config
 
-    files, overrides = split_overrides(args.items)
-    if len(files) != 1:
-        raise ConfigError("give exactly one train config, e.g. hybridray train "
-                          "configs/train/tiny.yaml train.steps=100")
+    path, overrides = one_file(args.items, "train config",
+                               "hybridray train configs/train/tiny.yaml train.steps=100")
     if args.wan:
         overrides.append(f"wan.mode={args.wan}")
     if args.cluster:
         overrides.append(f"cluster={args.cluster}")
-    config = load_train_config(files[0], overrides)   # every config problem before connecting
+    config = load_train_config(path, overrides)   # every config problem before connecting
 
     from hybridray.api import connect
 

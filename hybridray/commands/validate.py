@@ -24,6 +24,15 @@ def split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
     return files, overrides
 
 
+def one_file(items: list[str], what: str, example: str) -> tuple[str, list[str]]:
+    """The one FILE of a positional list, and its ``key=value`` overrides; a ``ConfigError``
+    that shows ``example`` when there is not exactly one file."""
+    files, overrides = split_overrides(items)
+    if len(files) != 1:
+        raise ConfigError(f"give exactly one {what} (got {len(files)}), e.g. {example}")
+    return files[0], overrides
+
+
 def run(args: argparse.Namespace) -> int:
     files, overrides = split_overrides(args.items)
     if not files:

@@ -129,7 +129,7 @@ class ModelKind:
         raise NotImplementedError
 
     def num_params(self, raw: Any) -> int:
-        return sum(p.numel() for p in unique_state(raw, params_only=True).values())
+        return sum(p.numel() for p in raw.parameters())     # shared parameters once
 
     def flops_per_token(self, raw: Any, seq_len: int) -> float:
         own = getattr(raw, "flops_per_token", None)
@@ -242,14 +242,12 @@ def kind_of(model_config: Any, fn: Callable | None = None) -> ModelKind:
     return GPTKind(model_config)
 
 
-def unique_state(model: Any, params_only: bool = False) -> dict[str, Any]:
+def unique_state(model: Any) -> dict[str, Any]:
     """``state_dict`` with each shared tensor once, under its first name (GPT's tied output
     layer is stored as ``transformer.wte.weight``); safetensors refuses shared tensors."""
     seen: set[int] = set()
     out = {}
-    items = model.named_parameters() if params_only else \
-        model.state_dict(keep_vars=True).items()
-    for name, tensor in items:
+    for name, tensor in model.state_dict(keep_vars=True).items():
         if id(tensor) in seen:
             continue
         seen.add(id(tensor))

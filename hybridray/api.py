@@ -119,7 +119,11 @@ def connect(name: str | None = None, *, home: str | os.PathLike | None = None,
     if init_ray:
         import ray
 
+        if not ray.is_initialized() and state.netns:
+            from hybridray.cluster.nshosts import ensure_on_head
+
+            ensure_on_head(state)  # a driver runs on the head host, as on a real cluster
         if not ray.is_initialized():
-            os.environ.update(lifecycle.ray_env(state))
+            lifecycle.apply_env(lifecycle.ray_env(state))  # Ray may have read TLS already
             ray.init(address=state.address, log_to_driver=False)
     return Cluster(state.topology(), audit=AuditLog.for_cluster(name, home), state=state)

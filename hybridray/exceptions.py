@@ -10,7 +10,8 @@ Hierarchy::
     ├── PlacementRefused            no site may or can run a workload
     │   └── ResidencyViolation      a node was asked to touch data above its class
     ├── ClusterError                bringing a local cluster up/down or connecting failed
-    │   └── ClusterNotFound         no recorded cluster of that name
+    │   ├── ClusterNotFound         no recorded cluster of that name
+    │   └── NetnsError              namespace hosts cannot be made here (not root) or failed
     ├── PlanInfeasible              the cost planner cannot meet the demand
     ├── DataError                   a dataset cannot be read, moved or committed as asked
     │   ├── IntegrityError          stored bytes, rows or schema differ from the manifest
@@ -73,6 +74,10 @@ class ClusterError(HybridRayError):
 
 class ClusterNotFound(ClusterError):
     """No cluster of that name is recorded in the state directory."""
+
+
+class NetnsError(ClusterError):
+    """Namespace hosts (``--hosts netns``) cannot run here, or making or cutting them failed."""
 
 
 class PlanInfeasible(HybridRayError):

@@ -51,7 +51,7 @@ def up(topology: Topology, *, source_file: str | os.PathLike | None = None,
        dashboard: bool = True, home: str | os.PathLike | None = None,
        port: int | None = None, dashboard_port: int | None = None,
        timeout: float = UP_TIMEOUT_S, progress: Progress | None = None,
-       tls: bool | dict[str, str] = False) -> ClusterState:
+       tls: bool | dict[str, str] = False, hosts: str = "local") -> ClusterState:
     """Start ``topology`` as a real Ray cluster of local processes and record it.
 
     Args:
@@ -70,6 +70,11 @@ def up(topology: Topology, *, source_file: str | os.PathLike | None = None,
             machine in the state directory; a dict gives ``RAY_TLS_SERVER_CERT``,
             ``RAY_TLS_SERVER_KEY`` and ``RAY_TLS_CA_CERT`` from ``hybridray certs``, checked
             (key matches certificate, certificate signed by the CA) before anything starts.
+        hosts: ``"local"`` (every node a process on this machine's addresses) or
+            ``"netns"``: every node a host of its own in a network namespace, sites joined by
+            shaped links, started by the rendered join scripts with token auth and mutual
+            TLS (``nshosts.py``; needs root). ``port``, ``dashboard_port`` and ``tls`` do not
+            apply there: hosts use the rendered ports and always run TLS.
 
     Returns:
         The recorded state, every node alive and registered.
@@ -81,6 +86,15 @@ def up(topology: Topology, *, source_file: str | os.PathLike | None = None,
     say = progress or (lambda line: None)
     if not Path("/proc/self/stat").exists():
         raise ClusterError("local clusters need Linux (/proc); run hybridray up on Linux")
+    if hosts not in ("local", "netns"):
+        raise ClusterError(f"hosts must be 'local' or 'netns' (got {hosts!r})")
+    if hosts == "netns":
+        from hybridray.cluster import netns
+
+        netns.require_support()
+        if port or dashboard_port or tls:
+            raise ClusterError("--port, --dashboard-port and --tls do not apply to --hosts "
+                               "netns: every host uses the rendered ports and runs mutual TLS")
     specs = plan_nodes(topology, simulate=simulate)
     name = topology.name
     home_path = hybridray_home(home).expanduser().absolute()
@@ -97,6 +111,11 @@ def up(topology: Topology, *, source_file: str | os.PathLike | None = None,
             write_token(token_path)
         except OSError as e:
             raise ClusterError(f"cannot prepare {state_dir} and {temp_dir}: {e}") from None
+        if hosts == "netns":
+            return _up_netns(topology, specs, name=name, home=home_path, temp_dir=temp_dir,
+                             token_path=token_path, source_file=source_file,
+                             overrides=overrides, simulate=simulate, dashboard=dashboard,
+                             timeout=timeout, say=say)
         if tls is True:  # a CA of its own, in the state directory, gone at down
             from hybridray.deploy.certs import local_cert
 
@@ -128,6 +147,33 @@ def up(topology: Topology, *, source_file: str | os.PathLike | None = None,
             raise
         save_state(state)
         return state
+
+
+def _up_netns(topology: Topology, specs: list[NodeSpec], *, name: str, home: Path,
+              temp_dir: str, token_path: Path, source_file, overrides, simulate: bool,
+              dashboard: bool, timeout: float, say: Progress) -> ClusterState:
+    from hybridray.cluster import nshosts
+
+    state = ClusterState(
+        name=name, address="", token_path=str(token_path), temp_dir=temp_dir, home=str(home),
+        dashboard=dashboard, simulate=simulate,
+        source_file=str(Path(source_file).absolute()) if source_file else None,
+        overrides=list(overrides), topology_snapshot=topology.model_dump(mode="json"),
+        created_at=now_iso())
+    save_state(state)
+    try:
+        nshosts.up(topology, state=state, specs=specs, simulate=simulate,
+                   timeout=max(timeout, nshosts.UP_TIMEOUT_S), say=say)
+    except BaseException as e:
+        stopped = _stop_nodes(state.nodes, temp_dir=state.temp_dir)
+        _remove_runtime(state)
+        if isinstance(e, ClusterError):
+            raise ClusterError(f"{e}\nstopped the {len(stopped)} node process(es) already "
+                               "started and removed every namespace and link made; nothing "
+                               "is left running") from None
+        raise
+    save_state(state)
+    return state
 
 
 def _start_nodes(state: ClusterState, specs: list[NodeSpec], *, timeout: float, say: Progress,
@@ -319,9 +365,13 @@ def _wait_gone(nodes: list[NodeRecord], deadline: float) -> None:
 
 
 def _remove_runtime(state: ClusterState) -> None:
-    """Forget a stopped cluster: its S3 server stops, state and token go, node logs stay for
-    a post-mortem."""
+    """Forget a stopped cluster: its S3 server stops, namespace hosts and their links go,
+    state and token go, node logs stay for a post-mortem."""
     emulator.stop_for(state)
+    if state.netns:
+        from hybridray.cluster import nshosts
+
+        nshosts.stop(state)
     for path in (state.state_dir / "state.json", Path(state.token_path)):
         with contextlib.suppress(FileNotFoundError):
             path.unlink()

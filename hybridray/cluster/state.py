@@ -111,6 +111,7 @@ class ClusterState:
     nodes: list[NodeRecord] = field(default_factory=list)
     services: dict[str, dict[str, Any]] = field(default_factory=dict)  # e.g. the S3 server
     tls: dict[str, str] = field(default_factory=dict)  # RAY_USE_TLS + paths, when TLS is on
+    netns: dict[str, Any] = field(default_factory=dict)  # namespace hosts (netns.NetRecord)
     version: int = STATE_VERSION
 
     @property
@@ -119,10 +120,12 @@ class ClusterState:
 
     @property
     def dashboard_url(self) -> str | None:
-        """``http://127.0.0.1:PORT`` when the dashboard (and so ``ray job submit``) is on."""
+        """``http://HOST:PORT`` when the dashboard (and so ``ray job submit``) is on: loopback
+        for a local cluster, the head's own address for namespace hosts."""
         if not self.dashboard:
             return None
-        return f"http://127.0.0.1:{self.ports['dashboard']}"
+        host = self.address.rsplit(":", 1)[0] if self.netns else "127.0.0.1"
+        return f"http://{host}:{self.ports['dashboard']}"
 
     @property
     def head(self) -> NodeRecord:

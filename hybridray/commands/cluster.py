@@ -2,6 +2,7 @@
 
     hybridray up clusters/local.yaml                      # head + one node per pool, by site
     hybridray up clusters/onprem-aws.yaml --simulate      # any topology, as small local nodes
+    hybridray up clusters/local.yaml --hosts netns        # each node a host, shaped links (root)
     hybridray status local                                # sites, nodes, CPUs, price per hour
     hybridray status local --watch                        # live: + work, bytes, cost so far
     eval "$(hybridray env local)"; ray job submit -- python jobs/x.py
@@ -49,6 +50,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tls-cert", help="this machine's certificate (with --tls)")
     p.add_argument("--tls-key", help="its key (with --tls)")
     p.add_argument("--tls-ca", help="the cluster CA certificate that signed it (with --tls)")
+    p.add_argument("--hosts", choices=("local", "netns"), default="local",
+                   help="local: every node a process on this machine (default). netns: "
+                        "every node a host of its own in a Linux network namespace, sites "
+                        "joined by links shaped to their declared bandwidth, started by the "
+                        "rendered join scripts with token auth and mutual TLS (needs root)")
     p.set_defaults(func=run_up)
 
     p = sub.add_parser("down", help="stop a cluster started by hybridray up",
@@ -87,10 +93,15 @@ def _console() -> Any:
 def run_up(args: argparse.Namespace) -> int:
     path, overrides = one_file(args.items, "cluster file", "hybridray up clusters/local.yaml")
     topology = load_topology(path, overrides)
+    if args.hosts == "netns":
+        from hybridray.cluster import netns
+
+        netns.require_support()  # one clear refusal without root, before anything else
     nodes = plan_nodes(topology, simulate=args.simulate)  # refuses non-local sites up front
     tls = _tls_option(args)
+    where = " as network-namespace hosts" if args.hosts == "netns" else ""
     print(f"starting cluster {topology.name!r}: {len(nodes)} nodes at {len(topology.sites)} "
-          f"sites{' (simulated)' if args.simulate else ''}", flush=True)
+          f"sites{where}{' (simulated)' if args.simulate else ''}", flush=True)
     started = time.monotonic()
     # SIGTERM (e.g. from `timeout`) stops what was started, as Ctrl-C does
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
@@ -98,7 +109,8 @@ def run_up(args: argparse.Namespace) -> int:
         state = cluster.up(topology, source_file=path, overrides=overrides,
                            simulate=args.simulate, dashboard=args.dashboard, port=args.port,
                            dashboard_port=args.dashboard_port, timeout=args.timeout,
-                           progress=lambda line: print(line, flush=True), tls=tls)
+                           progress=lambda line: print(line, flush=True), tls=tls,
+                           hosts=args.hosts)
     finally:
         signal.signal(signal.SIGTERM, previous)
     print(f"cluster {state.name!r} is up in {time.monotonic() - started:.1f}s "
@@ -192,6 +204,12 @@ def run_env(args: argparse.Namespace) -> int:
 def _print_env(state: cluster.ClusterState) -> None:
     for key, value in cluster.ray_env(state).items():
         print(f"export {key}={shlex.quote(value)}")
+    if state.netns:
+        from hybridray.cluster.nshosts import head_namespace
+
+        print(f"# namespace hosts: Python drivers run on the head host: ip netns exec "
+              f"{head_namespace(state)} python SCRIPT.py (hybridray commands move there "
+              "themselves)")
     if state.dashboard_url:
         print(f"# submit a job:  ray job submit --address {state.dashboard_url} "
               "--working-dir . -- python jobs/SCRIPT.py")

@@ -42,10 +42,11 @@ class S3Server:
     start_time: int          # /proc/PID/stat field 22, so a recycled pid is never ours
     port: int
     log: str = ""
+    host: str = "127.0.0.1"  # a namespace host's address when it runs in one
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def alive(self) -> bool:
         return process_start_time(self.pid) == self.start_time
@@ -60,8 +61,12 @@ class S3Server:
 
 def start(*, port: int | None = None, log: str | os.PathLike | None = None,
           buckets: list[str] | tuple[str, ...] = (),
-          timeout: float = START_TIMEOUT_S) -> S3Server:
+          timeout: float = START_TIMEOUT_S, host: str = "127.0.0.1",
+          netns: str | None = None) -> S3Server:
     """Start a loopback S3 server (moto) and wait until it answers; create ``buckets``.
+
+    With ``netns`` it runs inside that network namespace (a namespace host of a cluster
+    started with ``--hosts netns``), listening on ``host``, that host's address.
 
     Raises:
         DataError: moto is not installed, or the server did not come up in time.
@@ -70,28 +75,29 @@ def start(*, port: int | None = None, log: str | os.PathLike | None = None,
         import moto.server  # noqa: F401  (only to fail early with an install hint)
     except ImportError:
         raise DataError('the local S3 server needs moto: pip install "hybridray[local]"') from None
-    port = port or _free_port()
+    port = port or (9000 if netns else _free_port())  # a namespace host's ports are its own
     log_path = Path(log) if log else Path(os.devnull)
     if log:
         log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "MOTO_ALLOW_NONEXISTENT_REGION": "true"}
     with open(log_path, "ab") as out:
+        prefix = ["ip", "netns", "exec", netns] if netns else []
         proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            [*prefix, sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             start_new_session=True)
     server = S3Server(pid=proc.pid, start_time=process_start_time(proc.pid) or -1, port=port,
-                      log=str(log) if log else "")
+                      log=str(log) if log else "", host=host)
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
             raise DataError(f"the local S3 server exited with code {proc.returncode} while "
                             f"starting on port {port}" + (f"; see {log}" if log else ""))
-        if _answers(port):
+        if _answers(port, host):
             break
         if time.monotonic() > deadline:
             stop(server)
-            raise DataError(f"the local S3 server did not answer on 127.0.0.1:{port} within "
+            raise DataError(f"the local S3 server did not answer on {host}:{port} within "
                             f"{timeout:.0f}s")
         time.sleep(0.1)
     for bucket in buckets:
@@ -128,11 +134,11 @@ def create_bucket(endpoint: str, bucket: str) -> None:
         fs.create_dir(bucket)
 
 
-def _answers(port: int) -> bool:
+def _answers(port: int, host: str = "127.0.0.1") -> bool:
     import http.client
 
     try:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+        conn = http.client.HTTPConnection(host, port, timeout=1)
         conn.request("GET", "/")
         conn.getresponse().read()
         conn.close()

@@ -119,11 +119,14 @@ def connect(name: str | None = None, *, home: str | os.PathLike | None = None,
     if init_ray:
         import ray
 
-        if not ray.is_initialized() and state.netns:
-            from hybridray.cluster.nshosts import ensure_on_head
-
-            ensure_on_head(state)  # a driver runs on the head host, as on a real cluster
         if not ray.is_initialized():
-            lifecycle.apply_env(lifecycle.ray_env(state))  # Ray may have read TLS already
-            ray.init(address=state.address, log_to_driver=False)
+            where, env = {}, lifecycle.ray_env(state)
+            if state.netns:  # a driver runs on a host of the cluster, as on a real one
+                from hybridray.cluster.nshosts import driver_host, host_tls
+
+                host = driver_host(state)
+                where["_node_ip_address"] = host.ip
+                env.update(host_tls(state, host))  # workers dial it: its own certificate
+            lifecycle.apply_env(env)  # Ray may have read TLS already
+            ray.init(address=state.address, log_to_driver=False, **where)
     return Cluster(state.topology(), audit=AuditLog.for_cluster(name, home), state=state)

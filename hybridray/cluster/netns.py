@@ -141,10 +141,55 @@ def prefix_for(cluster: str, home: str | os.PathLike) -> str:
 
 # ---- running ip and tc --------------------------------------------------------------------
 
+#: the namespace that owns the bridges and links, once this process moved to a host (``enter``)
+_OPERATOR_NS: int | None = None
+CLONE_NEWNET = 0x40000000
+
+
+def _setns(fd: int) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, CLONE_NEWNET) != 0:
+        raise OSError(ctypes.get_errno(), "setns failed")
+
+
+def enter(name: str) -> None:
+    """Move this thread (and the threads it starts from now on) into namespace ``name``,
+    keeping a handle on the one it leaves: ``run`` still makes and cuts links there.
+
+    A driver that also runs the drills (the demo) uses it: Ray's threads, started after
+    this, live on the host; ``ip``/``tc`` commands run where the links are.
+    """
+    global _OPERATOR_NS
+    if _OPERATOR_NS is None:
+        _OPERATOR_NS = os.open("/proc/self/ns/net", os.O_RDONLY)
+    fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    try:
+        _setns(fd)
+    finally:
+        os.close(fd)
+
+
+def leave() -> None:
+    """Back to the namespace ``enter`` left (this thread)."""
+    global _OPERATOR_NS
+    if _OPERATOR_NS is not None:
+        _setns(_OPERATOR_NS)
+        os.close(_OPERATOR_NS)
+        _OPERATOR_NS = None
+
+
+def _to_operator() -> None:  # in the child, before exec
+    if _OPERATOR_NS is not None:
+        _setns(_OPERATOR_NS)
+
+
 def run(*args: str, check: bool = True, netns: str | None = None) -> subprocess.CompletedProcess:
     """Run ``ip``/``tc`` (inside ``netns`` when given); a failure names the command."""
     cmd = ["ip", "netns", "exec", netns, *args] if netns else list(args)
-    proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                          preexec_fn=_to_operator if _OPERATOR_NS is not None else None)
     if check and proc.returncode != 0:
         raise NetnsError(f"`{' '.join(cmd)}` failed: {(proc.stderr or proc.stdout).strip()}")
     return proc

@@ -183,6 +183,11 @@ def _host_env(state: ClusterState, host: netns.NetHost, hosts_dir: Path) -> Path
     return path
 
 
+def host_tls(state: ClusterState, host: netns.NetHost) -> dict[str, str]:
+    """Ray's TLS variables for a process on ``host``: the certificate naming its IP."""
+    return {"RAY_USE_TLS": "1", **_certificates_of(state, host)}
+
+
 def _certificates_of(state: ClusterState, host: netns.NetHost) -> dict[str, str]:
     tls_dir = (state.state_dir / "tls").absolute()
     return {"RAY_TLS_CA_CERT": str(tls_dir / "ca.crt"),
@@ -359,17 +364,22 @@ def driver_argv(state: ClusterState, argv: list[str]) -> list[str]:
 REEXEC_CLI = False
 
 
-def ensure_on_head(state: ClusterState) -> None:
-    """A Ray driver needs a raylet on its own host, so drivers of a namespace cluster run in
-    the head's namespace. The ``hybridray`` command re-runs itself there (``ip netns exec``,
-    never returns); any other process is told how to run there.
+def driver_host(state: ClusterState) -> netns.NetHost:
+    """The host this process runs on, for a Ray driver of a namespace cluster.
+
+    A driver needs a raylet on its own host, so it runs in one of the cluster's namespaces
+    (a job's entrypoint runs wherever Ray put it; scripts usually run on the head). The
+    ``hybridray`` command, started elsewhere, re-runs itself in the head's namespace
+    (``ip netns exec``; this never returns); any other process is told how to get there.
 
     Raises:
-        NetnsError: not in the head's namespace, and not the ``hybridray`` command.
+        NetnsError: this process runs on none of the cluster's hosts.
     """
-    ns = head_namespace(state)
-    if in_namespace(ns):
-        return
+    rec = record_of(state)
+    for host in rec.hosts:
+        if in_namespace(host.netns):
+            return host
+    ns = rec.host("head").netns
     if REEXEC_CLI and os.geteuid() == 0:
         argv = driver_argv(state, [sys.executable, "-m", "hybridray", *sys.argv[1:]])
         sys.stdout.flush()

@@ -207,8 +207,10 @@ def _print_env(state: cluster.ClusterState) -> None:
     if state.netns:
         from hybridray.cluster.nshosts import head_namespace
 
-        print(f"# namespace hosts: Python drivers run on the head host: ip netns exec "
-              f"{head_namespace(state)} python SCRIPT.py (hybridray commands move there "
+        ns = head_namespace(state)
+        print(f"export HYBRIDRAY_HEAD_NETNS={ns}")
+        print('# namespace hosts: Python drivers run on the head host: ip netns exec '
+              '"$HYBRIDRAY_HEAD_NETNS" python SCRIPT.py (hybridray commands move there '
               "themselves)")
     if state.dashboard_url:
         print(f"# submit a job:  ray job submit --address {state.dashboard_url} "

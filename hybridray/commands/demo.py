@@ -3,6 +3,7 @@
     hybridray demo                    # the full demo, a few minutes on a 2-core laptop
     hybridray demo --quick            # small steps and models (CI)
     hybridray demo --report-dir out/  # where report.md, report.json and the plots go
+    hybridray demo --hosts netns      # each node a host with shaped links; a partition (root)
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default="demo", help="cluster name to use (default: demo)")
     p.add_argument("--quick", action="store_true",
                    help="small steps, short load phases (CI; about 3 minutes)")
+    p.add_argument("--hosts", choices=("local", "netns"), default="local",
+                   help="netns: every node a host of its own in a network namespace, links "
+                        "shaped to the cluster file, cloud-b cut off and healed instead of "
+                        "killed, traffic per link in the report (needs root)")
     p.add_argument("--report-dir", default=None,
                    help="where to write the report (default: $HYBRIDRAY_HOME/reports/NAME)")
     p.set_defaults(func=run)
@@ -39,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         facts = run_demo(args.cluster_file or CLUSTER_FILE, name=args.name, quick=args.quick,
-                         report_dir=args.report_dir)
+                         report_dir=args.report_dir, hosts=args.hosts)
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 1 if facts.get("processes", {}).get("left") else 0

@@ -3,6 +3,11 @@
     up → prepare restricted data on-prem → masked sync (and a refused one) → DDP training
     → quantized serving at several sites → real requests → a cloud node killed → down → report
 
+With ``hosts="netns"`` every node is a host of its own in a network namespace, sites joined
+by shaped links (``hybridray up --hosts netns``): this process moves onto the head host to
+drive the cluster (``netns.enter``), step 6 cuts cloud-b's link and heals it instead of
+killing its node, and the report plots the traffic of every link against its shaped rate.
+
 Nothing here re-implements placement, sync, training or serving: the steps call
 ``cluster.up``, ``sync_dataset``, ``train`` and ``serve.deploy`` and read back what they
 decided (their results, and the audit log they all write to).
@@ -54,7 +59,8 @@ class Settings:
 
 def run_demo(cluster_file: str | os.PathLike = CLUSTER_FILE, *, name: str = "demo",
              home: str | os.PathLike | None = None, quick: bool = False,
-             report_dir: str | os.PathLike | None = None, console: Any = None) -> dict:
+             report_dir: str | os.PathLike | None = None, console: Any = None,
+             hosts: str = "local") -> dict:
     """Run the demo end to end and write its report; returns the facts (``report.json``).
 
     Args:
@@ -65,6 +71,8 @@ def run_demo(cluster_file: str | os.PathLike = CLUSTER_FILE, *, name: str = "dem
         report_dir: where ``report.md``, ``report.json`` and the plots go (default
             ``HOME/reports/NAME``).
         console: a rich ``Console`` (default: stdout).
+        hosts: ``local`` (node processes on this machine) or ``netns`` (namespace hosts,
+            shaped links, a partition and heal instead of a kill; needs root).
     """
     import hybridray
     from hybridray import cluster as lifecycle
@@ -79,7 +87,7 @@ def run_demo(cluster_file: str | os.PathLike = CLUSTER_FILE, *, name: str = "dem
     facts: dict[str, Any] = {"name": name, "mode": "quick" if quick else "full",
                              "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                              "started_ts": n.wall0, "home": str(home),
-                             "settings": settings.__dict__}
+                             "settings": settings.__dict__, "hosts": hosts}
     topology = hybridray.load_topology(cluster_file, [f"name={name}"])
     _check_script_fits(topology, cluster_file)
     _import_ray_quietly()
@@ -88,13 +96,20 @@ def run_demo(cluster_file: str | os.PathLike = CLUSTER_FILE, *, name: str = "dem
                              "spot": any(p.spot for p in site.pools)}
                          for s, site in topology.sites.items()}
     state = None
+    links = None
     restore = lambda: None  # noqa: E731
+    if hosts == "netns":
+        from hybridray.cluster import netns
+
+        netns.require_support()
     try:
+        what = ("one host (network namespace) per node, shaped links" if hosts == "netns"
+                else "one Ray node process per site")
         with n.step(f"1. up: {len(topology.sites)} sites as one Ray cluster",
-                    spinner="starting one Ray node process per site ..."):
+                    spinner=f"starting {what} ..."):
             state = lifecycle.up(topology, source_file=cluster_file, overrides=[f"name={name}"],
                                  home=home, dashboard=False, timeout=180,
-                                 progress=lambda line: n.say(line))
+                                 progress=lambda line: n.say(line), hosts=hosts)
             facts["nodes"] = [{"key": x.key, "site": x.site, "pool": x.pool, "pid": x.pid,
                                "price_per_hour": x.price_per_hour, "up_at": n.now()}
                               for x in state.nodes]
@@ -108,6 +123,14 @@ def run_demo(cluster_file: str | os.PathLike = CLUSTER_FILE, *, name: str = "dem
               f"{name} --watch")
         out.mkdir(parents=True, exist_ok=True)
         restore = _quiet_ray(out / "ray-events.log")
+        if state.netns:
+            from hybridray.cluster import netns
+            from hybridray.demo.links import LinkSampler
+
+            links = LinkSampler(netns.NetRecord.from_json(state.netns), t0=n.wall0)
+            links.start()
+            netns.enter(netns.NetRecord.from_json(state.netns).host("head").netns)
+            n.say("this process now runs on the head host (its namespace), as a driver does")
         cluster = hybridray.connect(name, home=home)
         _prepare(n, cluster, settings, facts)
         _sync(n, cluster, facts)
@@ -118,6 +141,8 @@ def run_demo(cluster_file: str | os.PathLike = CLUSTER_FILE, *, name: str = "dem
         facts["error"] = f"{type(e).__name__}: {e}"
         raise
     finally:
+        if links is not None:
+            facts["links"] = links.stop()
         _teardown(n, name, home, state, facts)
         restore()
         facts["duration_s"] = round(n.now(), 1)
@@ -387,6 +412,10 @@ def _teardown(n: Narrator, name: str, home: Path, state, facts: dict) -> None:
         timings["serve_shutdown_s"] = round(time.monotonic() - t, 1)
         if ray.is_initialized():
             ray.shutdown()
+        if state is not None and state.netns:
+            from hybridray.cluster import netns
+
+            netns.leave()  # back to the operator's namespace, where the links are removed
         facts["teardown"] = timings
         if state is None:
             facts["processes"] = {"recorded": [], "left": []}

@@ -4,7 +4,8 @@ The language model was trained on restricted data, so its replicas (and its ingr
 only run on-prem — the demo first asks for cloud-a and shows the refusal. The embedding
 model is public and runs at both clouds. Both are int8, autoscaled per site, and share
 Serve's proxy. Then the load runs, cloud-b's node (the spot one) is killed by its recorded
-pid, and the load keeps going.
+pid, and the load keeps going. On namespace hosts (``--hosts netns``) cloud-b is cut off
+instead (``hybridray fault partition``), then healed, and its node rejoins by itself.
 """
 
 from __future__ import annotations
@@ -116,7 +117,9 @@ def run(n: Narrator, cluster, state, trained, settings, facts: dict, *, token: s
                                     for r in svc.plan.replicas]}
             for svc in (lm, embed)}
 
-    with n.step(f"6. load, then {KILL_SITE}'s node is killed"):
+    title = (f"6. load, then {KILL_SITE} is cut off and healed" if state.netns
+             else f"6. load, then {KILL_SITE}'s node is killed")
+    with n.step(title):
         _load_and_kill(n, state, (lm, embed), settings, facts, token, port)
 
 
@@ -154,7 +157,7 @@ def _load_and_kill(n: Narrator, state, services, settings, facts: dict, token: s
 
     node = next(x for x in state.nodes if x.site == KILL_SITE)
     watcher = threading.Thread(target=watch, daemon=True, name="replica-watch")
-    total = settings.before_kill_s + settings.after_kill_s
+    total = settings.before_kill_s + settings.after_kill_s * (2 if state.netns else 1)
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                         TimeElapsedColumn(), TextColumn("{task.fields[info]}"),
                         console=n.console, transient=False)
@@ -177,12 +180,26 @@ def _load_and_kill(n: Narrator, state, services, settings, facts: dict, token: s
             if not node.leader_alive():
                 raise RuntimeError(f"{KILL_SITE}'s node (pid {node.pid}) died before the kill")
             killed_at = load.mark("kill")
-            victims = kill_node(node.pid)
-            facts["killed_processes"] = victims
-            n.decision(f"kill {KILL_SITE}'s node (pid {node.pid}, {len(victims)} processes)",
-                       "killed", [KILL_SITE], "a spot node taken back under load; its "
-                       "replicas and ingress go with it", kind="chaos")
-            tick(killed_at + settings.after_kill_s)
+            if state.netns:  # namespace hosts: cut the site's link, nothing is killed
+                from hybridray.commands.fault import heal, partition
+
+                partition(state.name, KILL_SITE, home=state.home)
+                n.decision(f"cut {KILL_SITE} off (its WAN link down)", "partitioned",
+                           [KILL_SITE], "a site lost under load: its replicas and ingress are "
+                           "unreachable until the GCS marks its node dead", kind="chaos")
+                tick(killed_at + settings.after_kill_s)
+                healed_at = load.mark("heal")
+                heal(state.name, KILL_SITE, home=state.home)
+                n.decision(f"heal {KILL_SITE}'s link", "healed", [KILL_SITE],
+                           "its service loop restarts the node, which rejoins", kind="chaos")
+                tick(healed_at + settings.after_kill_s)
+            else:
+                victims = kill_node(node.pid)
+                facts["killed_processes"] = victims
+                n.decision(f"kill {KILL_SITE}'s node (pid {node.pid}, {len(victims)} "
+                           "processes)", "killed", [KILL_SITE], "a spot node taken back under "
+                           "load; its replicas and ingress go with it", kind="chaos")
+                tick(killed_at + settings.after_kill_s)
     finally:
         load.stop()
         stop.set()
@@ -192,7 +209,9 @@ def _load_and_kill(n: Narrator, state, services, settings, facts: dict, token: s
     records = result["records"]
     before = [r for r in records if kill_t is None or r["t"] < kill_t]
     after = [r for r in records if kill_t is not None and r["t"] >= kill_t]
+    heal_t = result["marks"].get("heal")
     summary = {
+        "after_heal": _by_site([r for r in records if heal_t is not None and r["t"] >= heal_t]),
         "requests": len(records), "ok": sum(r["status"] == 200 for r in records),
         "failed": sum(r["status"] != 200 for r in records),
         "retried": sum(r["attempts"] > 1 for r in records),
@@ -203,6 +222,7 @@ def _load_and_kill(n: Narrator, state, services, settings, facts: dict, token: s
     }
     serving.update(load=result, load_started_at=load_start, replicas_timeline=replicas,
                    summary=summary, killed={"site": KILL_SITE, "pid": node.pid,
+                                            "how": "partition" if state.netns else "kill",
                                             "at": None if kill_t is None
                                             else round(load_start + kill_t, 3)})
     n.say(f"{summary['ok']}/{summary['requests']} requests answered ({summary['retried']} "

@@ -45,7 +45,8 @@ def write_report(facts: dict[str, Any], directory: str | os.PathLike, *,
         facts["metrics_file"] = "metrics.prom"
     made = []
     for name, fn in (("training.png", plots.training), ("serving.png", plots.serving),
-                     ("cost.png", plots.cost), ("bytes.png", plots.transfers)):
+                     ("cost.png", plots.cost), ("bytes.png", plots.transfers),
+                     ("links.png", plots.links)):
         try:
             if fn(facts, out / name):
                 made.append(name)

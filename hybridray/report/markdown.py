@@ -100,6 +100,25 @@ def render(f: dict[str, Any]) -> str:
             out += ["![bytes across sites](bytes.png)", ""]
     else:
         out += ["None recorded.", ""]
+    lk = f.get("links") or {}
+    if lk.get("samples"):
+        from hybridray.report.plots import link_rates
+
+        rates = link_rates(f)
+        out += ["## Links (namespace hosts)", "",
+                "Every node ran as a host of its own; each direction of each declared link was "
+                "shaped by a token bucket on its site's uplink. Traffic is what the kernel "
+                "counted in that link's class."
+                + ("" if lk.get("latency_applied") else " Latency was **not** applied (this "
+                   "kernel has no netem qdisc): links carried their bandwidth only."), "",
+                _table(["link", "shaped to", "peak 1-s rate", "bytes carried"],
+                       [[k, f"{v:g} Mbit/s",
+                         f"{max((m for _, m in rates.get(k, [])), default=0):.1f} Mbit/s",
+                         _mb(lk["samples"][-1]["bytes"].get(k, 0)
+                             - lk["samples"][0]["bytes"].get(k, 0))]
+                        for k, v in lk["shaped_mbps"].items()]), ""]
+        if "links.png" in f.get("plots", []):
+            out += ["![traffic per link against its shaped rate](links.png)", ""]
     a = f.get("audit") or {}
     if a:
         out += ["## Audit summary", "",

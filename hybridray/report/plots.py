@@ -138,3 +138,55 @@ def transfers(facts: dict[str, Any], path: Path) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def link_rates(facts: dict[str, Any]) -> dict[str, list[tuple[float, float]]]:
+    """Mbit/s of each shaped link between consecutive samples: ``{"a->b": [(t, mbps)]}``."""
+    samples = (facts.get("links") or {}).get("samples") or []
+    out: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for prev, cur in zip(samples, samples[1:], strict=False):
+        dt = cur["t"] - prev["t"]
+        if dt <= 0:
+            continue
+        for link, n in cur["bytes"].items():
+            if link in prev["bytes"]:
+                out[link].append((cur["t"], max(0, n - prev["bytes"][link]) * 8 / 1e6 / dt))
+    return dict(out)
+
+
+def links(facts: dict[str, Any], path: Path) -> Path | None:
+    """Traffic per shaped link (namespace hosts) against the rate it is shaped to."""
+    info = facts.get("links") or {}
+    rates = link_rates(facts)
+    busy = sorted(k for k, v in rates.items() if any(m > 0.01 for _, m in v))
+    if not busy:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(len(busy), 1, figsize=(8, 1.9 * len(busy) + 0.6), sharex=True,
+                             squeeze=False)
+    partition = ((facts.get("serving") or {}).get("load") or {}).get("marks") or {}
+    start = (facts.get("serving") or {}).get("load_started_at")
+    for ax, link in zip(axes[:, 0], busy, strict=True):
+        pts = rates[link]
+        shaped = info["shaped_mbps"].get(link)
+        ax.plot([t for t, _ in pts], [m for _, m in pts], color=COLORS.get(link.split("->")[0]),
+                label=f"{link} traffic")
+        if shaped:
+            ax.axhline(shaped, color="#e53e3e", linestyle="--", linewidth=1,
+                       label=f"shaped to {shaped:g} Mbit/s")
+        if start is not None:
+            for mark, label in (("kill", "cut"), ("heal", "healed")):
+                if mark in partition:
+                    ax.axvline(start + partition[mark], color="#718096", linestyle=":")
+                    ax.annotate(label, (start + partition[mark], 0.95), fontsize=7,
+                                xycoords=("data", "axes fraction"), va="top")
+        ax.set_ylabel("Mbit/s")
+        ax.set_yscale("symlog", linthresh=0.1)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+    axes[-1, 0].set_xlabel("seconds since the demo started")
+    axes[0, 0].set_title("traffic per link (tc class counters) against its shaped rate")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

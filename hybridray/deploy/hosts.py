@@ -18,6 +18,7 @@ machine).
 from __future__ import annotations
 
 import ipaddress
+import re
 import shlex
 
 from hybridray.deploy import network
@@ -274,7 +275,8 @@ def cluster_env(topology: Topology, options: RenderOptions) -> str:
     the file is both a shell file (the scripts source it) and a systemd EnvironmentFile."""
     etc = etc_dir(topology)
     head = options.gcs_address() or ""
-    lines = [f"# {etc}/cluster.env: read by head.sh, join-*.sh and hybridray-ray.service.",
+    lines = ["# shellcheck shell=bash disable=SC2034  # assignments the scripts source",
+             f"# {etc}/cluster.env: read by head.sh, join-*.sh and hybridray-ray.service.",
              "# The GCS address of the head, as the other sites reach it (over the VPN):",
              f"HYBRIDRAY_HEAD_ADDRESS={_env_value(head)}",
              f"HYBRIDRAY_TOKEN_FILE={_env_value(str(etc / 'token'))}",
@@ -293,4 +295,7 @@ def _env_value(value: str) -> str:
 
 
 def _join(args: list[str]) -> str:
-    return " ".join(shlex.quote(a) for a in args)
+    """Shell words; anything beyond plain path characters is single-quoted (a label list's
+    commas too, which shellcheck would otherwise read as a mistaken array separator)."""
+    return " ".join(a if re.fullmatch(r"[A-Za-z0-9_./:@%+-]+", a) else shlex.quote(a) if
+                    any(c in a for c in "'") else f"'{a}'" for a in args)

@@ -157,8 +157,9 @@ def test_certs_refuses_hosts_it_cannot_give_an_ip(tmp_path, capsys):
 
 
 def test_no_certs_message_points_at_a_missing_extra():
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     from hybridray.deploy import certs
 

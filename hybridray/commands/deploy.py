@@ -1,7 +1,8 @@
 """``hybridray render | certs | submit``: the files, secrets and jobs of a real deployment.
 
     hybridray certs clusters/onprem-aws.yaml --out secrets/ --head-address 10.0.0.5
-    hybridray render clusters/onprem-aws.yaml --out build/onprem-aws/ --head-address 10.0.0.5
+    hybridray render clusters/onprem-gke.yaml --out build/onprem-gke/ --head-address 10.0.0.5
+    hybridray certs clusters/onprem-aws.yaml --out secrets/ --revoke-site aws
     hybridray submit --cluster local --site cloud-b -- python jobs/where.py
 """
 

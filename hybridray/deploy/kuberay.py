@@ -31,6 +31,7 @@ Written against what the KubeRay v1.7.0 operator does with the manifest (each ru
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from hybridray.deploy import network
@@ -50,6 +51,7 @@ TLS_VOLUME = "hybridray-tls"
 CA_VOLUME = "hybridray-site-ca"
 AUTH_TOKEN_KEY = "auth_token"  # KubeRay's RAY_AUTH_TOKEN_SECRET_KEY (utils/constant.go)
 CLUSTER_DOMAIN = "cluster.local"
+MAX_NAME = 53  # utils/constant.go MaxRayClusterNameLength; the name is also a DNS-1035 label
 
 
 def names(topology: Topology, site: str | None = None) -> dict[str, str]:
@@ -86,6 +88,12 @@ def raycluster(topology: Topology, site_name: str, options: RenderOptions) -> di
         raise DeployError(f"sites.{site_name}.namespace: a kubernetes site needs the namespace "
                           "its RayCluster lives in; set it (e.g. namespace: ray)")
     n = names(topology, site_name)
+    if len(n["raycluster"]) > MAX_NAME or not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?",
+                                                            n["raycluster"]):
+        raise DeployError(f"sites.{site_name}: the RayCluster name {n['raycluster']!r} (cluster "
+                          f"name, '-', site name) must be at most {MAX_NAME} characters and "
+                          "start with a letter (KubeRay's rule); shorten or rename the cluster "
+                          "or the site")
     head_here = topology.head.site == site_name
     head = head_node(topology)
     address = None if head_here else (options.gcs_address() or "${HYBRIDRAY_HEAD_ADDRESS}")

@@ -172,3 +172,25 @@ def test_gpu_groups_use_rays_gpu_image(manifests):
             images = {c["image"] for c in group["template"]["spec"]["containers"]
                       + group["template"]["spec"]["initContainers"]}
             assert all(i.endswith("-gpu") == bool(pool.gpus) for i in images), images
+
+
+def test_raycluster_names_follow_the_operators_metadata_rule():
+    # utils/validation.go ValidateRayClusterMetadata: at most MaxRayClusterNameLength (53,
+    # utils/constant.go) characters and a DNS-1035 label (starts with a letter).
+    from hybridray.exceptions import DeployError
+    from hybridray.topology.loader import parse_topology
+
+    text = (CLUSTERS / "onprem-gke.yaml").read_text()
+    long_site = text.replace("\n  gke:\n", "\n  gke-europe-west4-burst-spot-pool:\n").replace(
+        "      gke: {", "      gke-europe-west4-burst-spot-pool: {")
+    for topology, bad in ((parse_topology(long_site, overrides=["name=" + "a" * 30]), True),
+                          (load_topology(CLUSTERS / "onprem-gke.yaml", ["name=1cluster"]), True),
+                          (load_topology(CLUSTERS / "onprem-gke.yaml"), False)):
+        if bad:
+            with pytest.raises(DeployError, match="must be at most 53 characters and start "
+                                                  "with a letter"):
+                build(topology, RenderOptions())
+        else:
+            for rel in build(topology, RenderOptions()).rayclusters.values():
+                assert len(yaml.safe_load(build(topology, RenderOptions()).files[rel])[
+                    "metadata"]["name"]) <= 53

@@ -163,6 +163,16 @@ class Gcp(CloudProvider):
         return config
 
 
+    def check_unbootstrapped(self) -> None:
+        # Ray's GCP provider needs networkInterfaces and serviceAccounts that only ray up's
+        # bootstrap (gcp/config.py) fills in; hybridray does not render them.
+        raise DeployError(
+            f"sites.{self.site_name}: the head runs at {self.topology.head.site!r}, whose "
+            f"autoscaler would launch the gcp VMs without ray up's bootstrap, which Ray's GCP "
+            "provider needs; put the head at this site (head.site), or run the site on GKE "
+            "(provider: kubernetes)")
+
+
 PROVIDERS: dict[str, type[CloudProvider]] = {"aws": Aws, "gcp": Gcp}
 
 

@@ -167,6 +167,8 @@ BAD = [
                          "sites.aws.pools.2.instance_type=null"],
      "sites.aws.provider: hybridray render cannot produce azure"),
     ("onprem-aws.yaml", ["sites.aws.provider=gcp"], "provider gcp needs a GCP project id"),
+    ("onprem-aws.yaml", ["sites.aws.provider=gcp", "sites.aws.pools.0.accelerator=A100"],
+     "sites.aws: the head runs at 'onprem', whose autoscaler would launch the gcp VMs"),
     ("onprem-aws.yaml", ["sites.aws.pools.2.instance_type=null"],
      "sites.aws.pools[2].instance_type: every aws pool needs an instance type"),
     ("onprem-aws.yaml", ["sites.aws.provider=gcp", "sites.aws.pools.0.accelerator=X9"],
@@ -190,7 +192,8 @@ BAD = [
 def test_bad_input_is_refused_with_the_key_and_writes_nothing(file, overrides, message,
                                                               tmp_path, capsys):
     topology = load_topology(CLUSTERS / file, overrides)
-    project = ["--gcp-project", "p"] if "X9" in str(overrides) else []
+    project = ["--gcp-project", "p"] if "provider=gcp" in str(overrides) and \
+        "project id" not in message else []
     aws = {} if "SUBNET_ID" in message else AWS_OPTIONS
     with pytest.raises(DeployError, match=message.replace("[", r"\[").replace("]", r"\]")):
         render(topology, tmp_path / "out", RenderOptions(gcp_project="p" if project else None,

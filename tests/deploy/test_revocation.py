@@ -97,7 +97,7 @@ def test_a_revoked_sites_node_cannot_join_after_the_restart_but_others_can(tmp_p
         revoke_site(d, "cloud-b")          # hybridray certs --revoke-site cloud-b
         _up(home, head)                    # the restart: the head loads the new trust.pem
         state = load_state(NAME, home=home)
-        code, seen = _join_once(state, tmp_path / "2", "cloud-b", "spot", b, wait=40)
+        code, seen = _join_once(state, tmp_path / "2", "cloud-b", "spot", b, wait=30)
         assert seen == [], "a node of the revoked site joined"
         log = (tmp_path / "2" / "join-cloud-b.log").read_text()
         assert code is None or code != 0, log[-3000:]

@@ -8,6 +8,7 @@ on-prem join scripts, the ``ray up`` file and the KubeRay manifest alike.
 from __future__ import annotations
 
 from hybridray.topology.models import NodePool, Site, Topology
+from hybridray.topology.syntax import label_key_problem, label_value_problem
 
 SITE = "hybridray.io/site"
 SITE_KIND = "hybridray.io/site-kind"
@@ -64,5 +65,20 @@ def node_resources(site_name: str, pool: NodePool | None) -> dict[str, float]:
 
 
 def labels_arg(labels: dict[str, str]) -> str:
-    """``ray start --labels`` syntax: ``k=v,k=v``."""
+    """``ray start --labels`` syntax: ``k=v,k=v``.
+
+    Safe by construction: every key and value is checked against Ray's label syntax first,
+    so no value can carry a ``,`` or ``=`` (another label), a quote, a space or a newline.
+
+    Raises:
+        ConfigError: a key or value that is not label syntax (topology validation refuses
+            such values first; this catches models built without it).
+    """
+    from hybridray.exceptions import ConfigError
+
+    for key, value in labels.items():
+        why = label_key_problem(key) or label_value_problem(str(value))
+        if why:
+            raise ConfigError(f"node label {key}={value!r}: {why}; fix the cluster file value "
+                              "it came from (hybridray validate names it)")
     return ",".join(f"{k}={v}" for k, v in labels.items())

@@ -2,23 +2,26 @@
 
 Every node becomes a host: a network namespace with its own address (``netns.py`` makes the
 bridges, veths and shaped links), and it is started the way an operator starts an on-prem
-host: by the join script ``hybridray render`` writes for a static host, run under a service
-loop that restarts it (systemd's job on a real host), with token auth and mutual TLS on and a
-certificate per host whose SANs carry that host's IP. Rendering treats every site as static
+host: by the join script ``hybridray render`` writes for a static host (a service loop that
+restarts Ray with backoff, so a node cut off by a partition comes back by itself), with
+token auth and mutual TLS on and the certificates ``hybridray certs`` makes (a site CA per
+site, a certificate per host whose SANs carry the host's IP). Rendering treats every site as static
 hosts whose addresses are the namespaces' addresses; the scripts and their ``cluster.env`` are
 kept in the cluster's state directory, so what ran can be read afterwards.
 
-Drivers run where they run on a real cluster: on the head host. ``hybridray`` commands that
-drive the cluster move themselves into the head's namespace (``in_head_namespace``); a Python
+Drivers run where they run on a real cluster: on a host of it. ``hybridray`` commands that
+drive the cluster move themselves into the head's namespace (``driver_host``); a Python
 driver is run there with ``ip netns exec`` (``hybridray env NAME`` prints the line).
 ``down`` stops the service loops, then anything still running in the namespaces, then removes
-every namespace, link and qdisc the record lists; so does a failed ``up``.
+every namespace, link and qdisc the record lists, and the cluster's keys; so does a failed
+``up``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -28,7 +31,6 @@ from pathlib import Path
 from hybridray.cluster import netns
 from hybridray.cluster.gcs import GcsView
 from hybridray.cluster.plan import NodeSpec
-from hybridray.cluster.service_loop import SCRIPT as SERVICE_LOOP
 from hybridray.cluster.state import (
     ClusterState,
     NodeRecord,
@@ -78,9 +80,10 @@ def up(topology: Topology, *, state: ClusterState, specs: list[NodeSpec],
     state.ports = {"gcs": network.GCS, "dashboard": network.DASHBOARD,
                    "client_server": network.CLIENT_SERVER}
     hosts_dir = state.state_dir / "hosts"
-    tls = _certificates(state, rec, hosts_dir)
+    static = static_topology(topology, rec)
+    tls = _certificates(state, rec, static)
     state.tls = tls["head"]
-    _render(topology, state, rec, hosts_dir, simulate)
+    _render(static, state, rec, hosts_dir)
     save_state(state)
     _start_storage(state, topology, rec, simulate, say)
     started = time.monotonic()
@@ -94,19 +97,17 @@ def up(topology: Topology, *, state: ClusterState, specs: list[NodeSpec],
 # ---- certificates and scripts ---------------------------------------------------------------
 
 def _certificates(state: ClusterState, rec: netns.NetRecord,
-                  hosts_dir: Path) -> dict[str, dict[str, str]]:
-    """The cluster CA, and a certificate per host naming its IP (and loopback)."""
-    from hybridray.deploy import certs
+                  static: Topology) -> dict[str, dict[str, str]]:
+    """What ``hybridray certs`` makes for the static form: the cluster's token (this
+    cluster's own), a root CA, an intermediate CA per site, and a certificate per host whose
+    SANs carry the host's IP; every node trusts ``trust.pem`` (the site intermediates)."""
+    from hybridray.deploy.secrets import make_secrets
 
-    tls_dir = state.state_dir / "tls"
-    certs.create_ca(tls_dir, state.name)
-    out = {}
-    for host in rec.hosts:
-        node = certs.issue_node_cert(tls_dir, host.ip, [host.ip])
-        certs.check_node_cert(node, host.ip)
-        out[host.key] = {k: v if k == "RAY_USE_TLS" else str(Path(v).absolute())
-                         for k, v in node.env().items()}
-    return out
+    secrets = state.state_dir / "secrets"
+    secrets.mkdir(mode=0o700)
+    shutil.copy2(state.token_path, secrets / "token")  # kept by make_secrets: one token
+    make_secrets(static, secrets, head=rec.host("head").ip)
+    return {host.key: host_tls(state, host) for host in rec.hosts}
 
 
 def static_topology(topology: Topology, rec: netns.NetRecord) -> Topology:
@@ -134,18 +135,15 @@ def static_topology(topology: Topology, rec: netns.NetRecord) -> Topology:
     return Topology.model_validate(data)
 
 
-def _render(topology: Topology, state: ClusterState, rec: netns.NetRecord, hosts_dir: Path,
-            simulate: bool) -> None:
-    """``hybridray render`` of the static form, written beside the service loop."""
+def _render(static: Topology, state: ClusterState, rec: netns.NetRecord,
+            hosts_dir: Path) -> None:
+    """``hybridray render`` of the static form: the scripts the hosts run, kept on disk."""
     from hybridray.deploy.common import RenderOptions
     from hybridray.deploy.render import build, write
 
     head = rec.host("head")
-    rendered = build(static_topology(topology, rec),
-                     RenderOptions(head_address=f"{head.ip}:{network.GCS}", tls=True))
+    rendered = build(static, RenderOptions(head_address=f"{head.ip}:{network.GCS}", tls=True))
     write(rendered, hosts_dir / "render", force=True)
-    (hosts_dir / "service-loop.sh").write_text(SERVICE_LOOP)
-    os.chmod(hosts_dir / "service-loop.sh", 0o755)
     state.services["netns_render"] = {"dir": str(hosts_dir / "render"),
                                       "scripts": _scripts(rendered, rec)}
 
@@ -163,21 +161,25 @@ def _scripts(rendered, rec: netns.NetRecord) -> dict[str, str]:
 
 
 def _host_env(state: ClusterState, host: netns.NetHost, hosts_dir: Path) -> Path:
-    """The host's ``cluster.env``: where the token, its certificate and its Ray dirs are."""
-    tls = _certificates_of(state, host)
+    """The host's ``cluster.env`` (the rendered scripts' interface): head, token, its own
+    certificate, its address and Ray's temp dir, the ray of this environment."""
+    tls = host_tls(state, host)
     temp = f"{state.temp_dir}/{host.key}"
     os.makedirs(temp, mode=0o700, exist_ok=True)
-    lines = [
-        f"# cluster.env of host {host.ip} ({host.key}) of namespace cluster {state.name!r}",
-        f"HYBRIDRAY_HEAD_ADDRESS={state.address}",
-        f"HYBRIDRAY_TOKEN_FILE={state.token_path}",
-        f"HYBRIDRAY_TLS_CA={tls['RAY_TLS_CA_CERT']}",
-        f"HYBRIDRAY_TLS_CERT={tls['RAY_TLS_SERVER_CERT']}",
-        f"HYBRIDRAY_TLS_KEY={tls['RAY_TLS_SERVER_KEY']}",
-        f"HYBRIDRAY_RAY={Path(sys.executable).parent / 'ray'}",
-        f"HYBRIDRAY_RAY_START_EXTRA='--node-ip-address {host.ip} --temp-dir {temp}'",
-        f"PATH={Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}",
-    ]
+    values = {
+        "HYBRIDRAY_HEAD_ADDRESS": state.address,
+        "HYBRIDRAY_TOKEN_FILE": state.token_path,
+        "HYBRIDRAY_TLS_CA": tls["RAY_TLS_CA_CERT"],
+        "HYBRIDRAY_TLS_CERT": tls["RAY_TLS_SERVER_CERT"],
+        "HYBRIDRAY_TLS_KEY": tls["RAY_TLS_SERVER_KEY"],
+        "HYBRIDRAY_NODE_IP": host.ip,
+        "HYBRIDRAY_TEMP_DIR": temp,
+        "HYBRIDRAY_RAY": str(Path(sys.executable).parent / "ray"),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+    }
+    lines = [f"# cluster.env of host {host.ip} ({host.key}) of namespace cluster {state.name}"]
+    lines += [f'{k}="{v}"' for k, v in values.items()]
+    hosts_dir.mkdir(parents=True, exist_ok=True)
     path = hosts_dir / f"{host.key}.env"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -189,10 +191,11 @@ def host_tls(state: ClusterState, host: netns.NetHost) -> dict[str, str]:
 
 
 def _certificates_of(state: ClusterState, host: netns.NetHost) -> dict[str, str]:
-    tls_dir = (state.state_dir / "tls").absolute()
-    return {"RAY_TLS_CA_CERT": str(tls_dir / "ca.crt"),
-            "RAY_TLS_SERVER_CERT": str(tls_dir / "nodes" / f"{host.ip}.crt"),
-            "RAY_TLS_SERVER_KEY": str(tls_dir / "nodes" / f"{host.ip}.key")}
+    secrets = (state.state_dir / "secrets").absolute()
+    name = "head" if host.key == "head" else host.ip  # as hybridray certs names them
+    return {"RAY_TLS_CA_CERT": str(secrets / "trust.pem"),
+            "RAY_TLS_SERVER_CERT": str(secrets / "nodes" / f"{name}.crt"),
+            "RAY_TLS_SERVER_KEY": str(secrets / "nodes" / f"{name}.key")}
 
 
 # ---- starting -----------------------------------------------------------------------------
@@ -208,8 +211,7 @@ def _launch(state: ClusterState, rec: netns.NetRecord, spec: NodeSpec, hosts_dir
     env.update({"HYBRIDRAY_CONF": str(env_file), "RAY_USAGE_STATS_ENABLED": "0"})
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            ["ip", "netns", "exec", host.netns, "bash", str(hosts_dir / "service-loop.sh"),
-             str(script)],
+            ["ip", "netns", "exec", host.netns, "bash", str(script)],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             start_new_session=True, cwd=state.state_dir)
     start_time = process_start_time(proc.pid)
@@ -303,6 +305,7 @@ def stop(state: ClusterState) -> list[str]:
     for key, record in list(state.services.items()):
         if key.startswith("s3-"):
             s3server.stop(s3server.S3Server.from_json(record))
+    shutil.rmtree(state.state_dir / "secrets", ignore_errors=True)  # CA keys: gone with it
     if not state.netns:
         return []
     rec = netns.NetRecord.from_json(state.netns)

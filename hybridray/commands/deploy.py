@@ -1,7 +1,8 @@
 """``hybridray render | certs | submit``: the files, secrets and jobs of a real deployment.
 
     hybridray certs clusters/onprem-aws.yaml --out secrets/ --head-address 10.0.0.5
-    hybridray render clusters/onprem-aws.yaml --out build/onprem-aws/ --head-address 10.0.0.5
+    hybridray render clusters/onprem-gke.yaml --out build/onprem-gke/ --head-address 10.0.0.5
+    hybridray certs clusters/onprem-aws.yaml --out secrets/ --revoke-site aws
     hybridray submit --cluster local --site cloud-b -- python jobs/where.py
 """
 
@@ -31,7 +32,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--secrets-dir", default="./secrets",
                    help="where ray up finds the token and CA (from hybridray certs)")
     p.add_argument("--gcp-project", help="GCP project id for provider: gcp sites")
-    p.add_argument("--image", help="container image for Kubernetes pods")
+    p.add_argument("--image", help="container image for Kubernetes pods (GPU pools: IMAGE-gpu)")
+    p.add_argument("--gpu-image", help="container image for Kubernetes pods of GPU pools")
+    aws = p.add_argument_group(
+        "AWS, when the head runs at another site (its autoscaler launches the VMs without "
+        "ray up's bootstrap, so the file must name these)")
+    aws.add_argument("--aws-subnet", action="append", default=[], dest="aws_subnets",
+                     metavar="SUBNET_ID", help="subnet for the VMs (repeatable)")
+    aws.add_argument("--aws-security-group", action="append", default=[],
+                     dest="aws_security_groups", metavar="SG_ID",
+                     help="security group for the VMs (repeatable)")
+    aws.add_argument("--ssh-key-name", help="EC2 key pair the VMs are launched with")
+    aws.add_argument("--ssh-private-key", help="that key pair's private key, as a path on the "
+                                               "machine whose autoscaler reads the file")
+    aws.add_argument("--aws-ami", help="AMI for CPU pools (Ray and Python installed or "
+                                       "installable)")
+    aws.add_argument("--aws-gpu-ami", help="AMI for GPU pools (NVIDIA driver installed)")
     p.set_defaults(func=run_render)
 
     c = sub.add_parser(
@@ -43,7 +59,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--out", required=True, help="the secrets directory")
     c.add_argument("--head-address", help="the head's host name or IP (its certificate)")
     c.add_argument("--host", action="append", default=[], dest="hosts",
-                   help="another host to issue a certificate for (repeatable)")
+                   metavar="[SITE=]HOST", help="another machine (a driver, an admin box) to "
+                   "issue a certificate for, from SITE's CA (default: the head's site); "
+                   "repeatable")
+    c.add_argument("--host-ip", action="append", default=[], dest="host_ips",
+                   metavar="NAME=IP", help="the IP address of a host listed by name, when it "
+                   "does not resolve here (Ray dials nodes by IP; repeatable)")
+    c.add_argument("--revoke-site", metavar="SITE",
+                   help="stop trusting SITE: drop its CA from trust.pem, move its certificates "
+                        "away, rotate the token; then restart (docs/security.md)")
     c.add_argument("--rotate-token", action="store_true",
                    help="replace the token (then redistribute it: docs/deploy.md)")
     c.set_defaults(func=run_certs)
@@ -79,7 +103,12 @@ def run_render(args: argparse.Namespace) -> int:
     topology = load_topology(path, overrides)
     options = RenderOptions(head_address=args.head_address, tls=args.tls,
                             secrets_dir=args.secrets_dir, gcp_project=args.gcp_project,
-                            image=args.image)
+                            image=args.image, gpu_image=args.gpu_image,
+                            aws_subnets=tuple(args.aws_subnets),
+                            aws_security_groups=tuple(args.aws_security_groups),
+                            ssh_key_name=args.ssh_key_name,
+                            ssh_private_key=args.ssh_private_key, aws_ami=args.aws_ami,
+                            aws_gpu_ami=args.aws_gpu_ami)
     rendered = render(topology, args.out, options, force=args.force)
     print(f"rendered {topology.name!r} into {args.out}: {len(rendered.files)} files")
     for rel in sorted(rendered.files):
@@ -93,9 +122,21 @@ def run_certs(args: argparse.Namespace) -> int:
 
     path, overrides = one_file(args.items, "cluster file",
                                "hybridray certs clusters/onprem-aws.yaml --out secrets/")
+    from hybridray.deploy.secrets import revoke
+
     topology = load_topology(path, overrides)
-    made = make_secrets(topology, args.out, head=args.head_address, hosts=args.hosts,
-                        rotate_token=args.rotate_token)
+    host_ips = {}
+    for item in args.host_ips:
+        name, sep, ip = item.partition("=")
+        if not sep or not name or not ip:
+            raise ConfigError(f"--host-ip {item!r}: give NAME=IP, e.g. --host-ip "
+                              "gpu-01.dc.internal=10.20.0.11")
+        host_ips[name] = ip
+    if args.revoke_site:
+        made = revoke(topology, args.out, args.revoke_site)
+    else:
+        made = make_secrets(topology, args.out, head=args.head_address, hosts=args.hosts,
+                            rotate_token=args.rotate_token, host_ips=host_ips)
     for line in made:
         print(line)
     return 0

@@ -9,6 +9,7 @@ live under ``/etc/hybridray/CLUSTER/`` on hosts (copied there by the operator), 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -30,7 +31,18 @@ class RenderOptions:
             made by ``hybridray certs`` lie (referenced by ``file_mounts``).
         gcp_project: the GCP project for ``provider: gcp`` sites (cluster files hold none).
         ray_version: the Ray version images and ``pip install`` lines pin.
-        image: container image for Kubernetes pods (default ``rayproject/ray:VERSION``).
+        image: container image for Kubernetes pods (default ``rayproject/ray:VERSION``, and
+            ``rayproject/ray:VERSION-gpu`` for pools with GPUs).
+        gpu_image: container image for Kubernetes pods of GPU pools (default: ``image`` with
+            ``-gpu`` appended to its tag, or ``rayproject/ray:VERSION-gpu``).
+        aws_subnets, aws_security_groups, ssh_key_name, ssh_private_key, aws_ami, aws_gpu_ami:
+            what Ray's AWS node provider needs in every ``node_config`` when no ``ray up``
+            bootstrap fills it in (the head runs at another site): subnet and security group
+            ids, the EC2 key pair's name and its private key's path on the head, and the AMI
+            for CPU and GPU pools. With the head at the AWS site, ``ray up`` fills in what is
+            not given.
+        deploy_dir: where the rendered files lie on the machine that runs ``ray up`` (absolute
+            ``file_mounts`` sources; set by ``render`` to ``--out``).
     """
 
     head_address: str | None = None
@@ -39,6 +51,42 @@ class RenderOptions:
     gcp_project: str | None = None
     ray_version: str = ""
     image: str | None = None
+    gpu_image: str | None = None
+    aws_subnets: tuple[str, ...] = ()
+    aws_security_groups: tuple[str, ...] = ()
+    ssh_key_name: str | None = None
+    ssh_private_key: str | None = None
+    aws_ami: str | None = None
+    aws_gpu_ami: str | None = None
+    deploy_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse values that would land unquoted in a file or a shell word."""
+        from hybridray.topology.syntax import host_port_problem
+
+        if self.head_address is not None:
+            why = host_port_problem(self.head_address)
+            if why:
+                raise DeployError(f"--head-address {why}; give HOST[:PORT] of the head's GCS")
+        checks = [("--aws-subnet", v, r"subnet-[0-9a-f]{8,17}") for v in self.aws_subnets]
+        checks += [("--aws-security-group", v, r"sg-[0-9a-f]{8,17}")
+                   for v in self.aws_security_groups]
+        checks += [(f, v, r"ami-[0-9a-f]{8,17}") for f, v in
+                   (("--aws-ami", self.aws_ami), ("--aws-gpu-ami", self.aws_gpu_ami)) if v]
+        if self.ssh_key_name:
+            checks.append(("--ssh-key-name", self.ssh_key_name,
+                           r"[A-Za-z0-9][A-Za-z0-9_.-]{0,254}"))
+        for what in ("ssh_private_key", "secrets_dir", "deploy_dir"):
+            value = getattr(self, what)
+            if value:
+                checks.append((f"--{what.replace('_', '-')}", value, r"[A-Za-z0-9_./~+-]+"))
+        for image in (self.image, self.gpu_image):
+            if image:
+                checks.append(("--image", image, r"[A-Za-z0-9][A-Za-z0-9_./:@+-]*"))
+        for flag, value, pattern in checks:
+            if not re.fullmatch(pattern, value):
+                raise DeployError(f"{flag} {value!r}: must match {pattern} (no spaces, quotes "
+                                  "or shell characters)")
 
     def version(self) -> str:
         if self.ray_version:
@@ -47,14 +95,24 @@ class RenderOptions:
 
         return version("ray")
 
-    def container_image(self) -> str:
+    def container_image(self, gpus: int = 0) -> str:
+        """The pod image: Ray's CPU image, or its ``-gpu`` image for a pool with GPUs."""
+        if gpus:
+            if self.gpu_image:
+                return self.gpu_image
+            if self.image:
+                return self.image if self.image.endswith("-gpu") else f"{self.image}-gpu"
+            return f"rayproject/ray:{self.version()}-gpu"
         return self.image or f"rayproject/ray:{self.version()}"
 
     def gcs_address(self, default_host: str | None = None) -> str | None:
         host = self.head_address or default_host
         if host is None:
             return None
-        return host if ":" in host else f"{host}:6379"
+        if host.startswith("["):
+            return host if "]:" in host else f"{host}:6379"
+        return host if host.count(":") == 1 else (f"[{host}]:6379" if ":" in host
+                                                   else f"{host}:6379")
 
 
 def etc_dir(topology: Topology) -> PurePosixPath:

@@ -1,14 +1,24 @@
 """Join scripts and a systemd unit for machines you run yourself (``provider: static``).
 
-One script per node, named after its host: it loads ``/etc/hybridray/CLUSTER/cluster.env``
-(the head's address, where the token and certificates are), refuses to start without them,
-and ``exec``s ``ray start --block`` with the node's labels, resources and pinned ports, so the
-systemd unit (or a terminal) owns the Ray process. ``provider: local`` sites render the same
-way with ``127.0.0.1`` as their host: that is how a file made for one machine is run by hand.
+One script per node, named after its host. It is a small **service loop**, so it runs the same
+under systemd, in a terminal, or inside a network namespace of a rehearsal (no systemd
+needed): it loads ``/etc/hybridray/CLUSTER/cluster.env``, refuses to start without the
+token, certificates or head address, binds the node to the host's own address
+(``--node-ip-address``) and runs ``ray start --block`` with the node's labels, resources and
+pinned ports; when Ray exits (the head went away, a partition outlasted the GCS reconnect
+timeout, a crash) it starts it again after a backoff (2 s doubling to 60 s, back to 2 s after
+a run of a minute or more), until it is sent SIGTERM/SIGINT, which it passes on to Ray.
+
+The interface is environment variables (so systemd's ``EnvironmentFile`` and a test harness
+set them the same way), listed in each script's header. ``provider: local`` sites render the
+same way with ``127.0.0.1`` as their host and no pinned node ports (their nodes share one
+machine).
 """
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import shlex
 
 from hybridray.deploy import network
@@ -24,6 +34,64 @@ from hybridray.topology.models import Provider, Topology
 
 LOOPBACK = "127.0.0.1"
 
+INTERFACE = """\
+# Environment (all optional; cluster.env sets the first four on a host):
+#   HYBRIDRAY_CONF        settings file to load first ({etc}/cluster.env)
+#   HYBRIDRAY_HEAD_ADDRESS  HOST:PORT of the head's GCS (join scripts; required)
+#   HYBRIDRAY_TOKEN_FILE  the cluster token ({etc}/token)
+#   HYBRIDRAY_TLS_DIR     directory of ca.crt and this host's NAME.crt/.key ({etc}/tls)
+#   HYBRIDRAY_TLS_CA, HYBRIDRAY_TLS_CERT, HYBRIDRAY_TLS_KEY   the three files, one by one
+#   HYBRIDRAY_NODE_IP     address this node binds and is reached at (default: {ip_default})
+#   HYBRIDRAY_TEMP_DIR    Ray's session/log directory (ray start --temp-dir)
+#   HYBRIDRAY_RAY         the ray executable (default: ray on PATH)
+#   HYBRIDRAY_RAY_START_EXTRA  more ray start arguments, split on spaces
+#   HYBRIDRAY_ONCE=1      run ray start --block once and exit with its status (no loop)
+#   HYBRIDRAY_RESTART_DELAY / HYBRIDRAY_RESTART_MAX_DELAY  backoff in seconds (2 / 60)
+# Exit: 2 when a setting or file is missing; SIGTERM/SIGINT stop Ray and end the loop."""
+
+LOOP = r'''
+run_once() {
+  # shellcheck disable=SC2086  # HYBRIDRAY_RAY_START_EXTRA is a list of arguments
+  "$RAY" start "${ARGS[@]}" ${HYBRIDRAY_RAY_START_EXTRA:-} &
+  CHILD=$!
+  wait "$CHILD"
+}
+stop() {
+  STOPPING=1
+  if [ -n "${CHILD:-}" ]; then
+    kill -TERM "$CHILD" 2>/dev/null || true
+    wait "$CHILD" 2>/dev/null || true
+  fi
+  exit 0
+}
+trap stop TERM INT
+if [ "${HYBRIDRAY_ONCE:-0}" = 1 ]; then
+  RC=0
+  run_once || RC=$?
+  exit "$RC"
+fi
+DELAY=${HYBRIDRAY_RESTART_DELAY:-2}
+MAX_DELAY=${HYBRIDRAY_RESTART_MAX_DELAY:-60}
+STOPPING=0
+while [ "$STOPPING" = 0 ]; do
+  STARTED=$SECONDS
+  RC=0
+  run_once || RC=$?
+  if [ $((SECONDS - STARTED)) -ge 60 ]; then
+    DELAY=${HYBRIDRAY_RESTART_DELAY:-2}
+  fi
+  echo "hybridray: ray start exited ($RC); starting again in ${DELAY}s" >&2
+  sleep "$DELAY" &
+  CHILD=$!
+  wait "$CHILD" || true
+  CHILD=
+  DELAY=$((DELAY * 2))
+  if [ "$DELAY" -gt "$MAX_DELAY" ]; then
+    DELAY=$MAX_DELAY
+  fi
+done
+'''
+
 
 def site_hosts(topology: Topology, site: str) -> list[tuple[str, object, int]]:
     """``(host, pool, index)`` for every node of a static or local site, at its largest size."""
@@ -35,23 +103,51 @@ def site_hosts(topology: Topology, site: str) -> list[tuple[str, object, int]]:
     return out
 
 
-def _header(topology: Topology, what: str, options: RenderOptions, host: str) -> list[str]:
+def cert_name(topology: Topology, site: str, host: str) -> str:
+    """The ``nodes/NAME.crt`` of ``hybridray certs`` a host's script presents."""
+    from hybridray.deploy.certs import _SAFE
+    from hybridray.deploy.secrets import local_cert_name
+
+    if topology.sites[site].provider is Provider.local:
+        return local_cert_name(site)
+    return _SAFE.sub("_", host)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+def _header(topology: Topology, what: str, options: RenderOptions, host: str,
+            cert: str) -> list[str]:
     etc = etc_dir(topology)
     env = node_env(topology, options)
+    ip_default = host if _is_ip(host) else f"the address {host} resolves to"
     lines = [
         "#!/usr/bin/env bash",
         f"# {what}",
-        f"# Generated by: hybridray render (cluster {topology.name!r}). Run as the user that runs",
-        "# Ray, by hand or through hybridray-ray.service. Settings come from the environment or",
-        f"# {etc}/cluster.env (see README.md); secrets are read from files, never from here.",
+        f"# Generated by: hybridray render (cluster {topology.name}). A service loop: runs",
+        "# ray start --block and starts it again, with backoff, whenever it exits. Run it as the",
+        "# user that runs Ray: by hybridray-ray.service, in a terminal, or in a rehearsal.",
+        "# Secrets are read from files, never from here.",
+        INTERFACE.format(etc=etc, ip_default=ip_default),
         "set -euo pipefail",
         f'CONF="${{HYBRIDRAY_CONF:-{etc}/cluster.env}}"',
-        'if [ -f "$CONF" ]; then set -a; . "$CONF"; set +a; fi',
-        'export RAY_AUTH_MODE=token RAY_USAGE_STATS_ENABLED=0',
+        'if [ -f "$CONF" ]; then',
+        "  set -a",
+        '  # shellcheck source=/dev/null',
+        '  . "$CONF"',
+        "  set +a",
+        "fi",
+        "export RAY_AUTH_MODE=token RAY_USAGE_STATS_ENABLED=0",
         f'export RAY_AUTH_TOKEN_PATH="${{HYBRIDRAY_TOKEN_FILE:-{env["RAY_AUTH_TOKEN_PATH"]}}}"',
         'if [ ! -r "$RAY_AUTH_TOKEN_PATH" ]; then',
         '  echo "hybridray: no cluster token at $RAY_AUTH_TOKEN_PATH; copy the token made by '
-        'hybridray certs there (mode 0600) or set HYBRIDRAY_TOKEN_FILE" >&2; exit 2',
+        'hybridray certs there (mode 0600) or set HYBRIDRAY_TOKEN_FILE" >&2',
+        "  exit 2",
         "fi",
     ]
     if options.tls:
@@ -60,23 +156,36 @@ def _header(topology: Topology, what: str, options: RenderOptions, host: str) ->
             f'TLS_DIR="${{HYBRIDRAY_TLS_DIR:-{tls_dir}}}"',
             "export RAY_USE_TLS=1",
             'export RAY_TLS_CA_CERT="${HYBRIDRAY_TLS_CA:-$TLS_DIR/ca.crt}"',
-            f'export RAY_TLS_SERVER_CERT="${{HYBRIDRAY_TLS_CERT:-$TLS_DIR/{_stem(host)}.crt}}"',
-            f'export RAY_TLS_SERVER_KEY="${{HYBRIDRAY_TLS_KEY:-$TLS_DIR/{_stem(host)}.key}}"',
+            f'export RAY_TLS_SERVER_CERT="${{HYBRIDRAY_TLS_CERT:-$TLS_DIR/{cert}.crt}}"',
+            f'export RAY_TLS_SERVER_KEY="${{HYBRIDRAY_TLS_KEY:-$TLS_DIR/{cert}.key}}"',
             'for f in "$RAY_TLS_CA_CERT" "$RAY_TLS_SERVER_CERT" "$RAY_TLS_SERVER_KEY"; do',
             '  if [ ! -r "$f" ]; then',
-            '    echo "hybridray: TLS file $f is missing; issue it with hybridray certs '
-            f'--host {host} and copy ca.crt, {_stem(host)}.crt and .key to $TLS_DIR" >&2; exit 2',
+            f'    echo "hybridray: TLS file $f is missing; copy trust.pem (as ca.crt), '
+            f'nodes/{cert}.crt and nodes/{cert}.key made by hybridray certs to $TLS_DIR" >&2',
+            "    exit 2",
             "  fi",
             "done",
         ]
-    lines.append('RAY="${HYBRIDRAY_RAY:-ray}"')
+    if _is_ip(host):
+        lines.append(f'NODE_IP="${{HYBRIDRAY_NODE_IP:-{host}}}"')
+    else:
+        lines += [
+            'NODE_IP="${HYBRIDRAY_NODE_IP:-}"',
+            'if [ -z "$NODE_IP" ]; then',
+            f"  NODE_IP=$(getent ahostsv4 {host} | awk 'NR == 1 {{print $1}}' || true)",
+            "fi",
+            'if [ -z "$NODE_IP" ]; then',
+            f'  echo "hybridray: {host} does not resolve; set HYBRIDRAY_NODE_IP to this '
+            'host\'s address" >&2',
+            "  exit 2",
+            "fi",
+        ]
+    lines += ['RAY="${HYBRIDRAY_RAY:-ray}"',
+              'TEMP_ARGS=()',
+              'if [ -n "${HYBRIDRAY_TEMP_DIR:-}" ]; then',
+              '  TEMP_ARGS=(--temp-dir "$HYBRIDRAY_TEMP_DIR")',
+              "fi"]
     return lines
-
-
-def _stem(host: str) -> str:
-    from hybridray.deploy.certs import _SAFE
-
-    return _SAFE.sub("_", host)
 
 
 def head_script(topology: Topology, options: RenderOptions, host: str,
@@ -84,28 +193,32 @@ def head_script(topology: Topology, options: RenderOptions, host: str,
     """The head's start script: ``ray start --head`` with the head's labels and ports."""
     spec = head_node(topology)
     args = ["--block", "--disable-usage-stats", "--head", *declared_args(spec),
-            *network.ray_start_port_args(head=True)]
-    lines = _header(topology, f"Start the Ray head of {topology.name!r} at site "
-                              f"{topology.head.site!r}.", options, host)
+            *network.ray_start_port_args(head=True, node_ports=_pinned(topology,
+                                                                       topology.head.site))]
+    address = options.head_address.rsplit(":", 1)[0] if options.head_address else LOOPBACK
+    if address.startswith("["):
+        address = address[1:].partition("]")[0]
+    lines = _header(topology, f"Start the Ray head of {topology.name} at site "
+                              f"{topology.head.site}.", options, address, "head")
     if autoscaling_config:
         lines += [f'AUTOSCALING="${{HYBRIDRAY_AUTOSCALING_CONFIG:-{autoscaling_config}}}"',
                   "# this head's autoscaler launches the cloud pools of that ray up file",
                   'EXTRA_AUTOSCALING=(--autoscaling-config "$AUTOSCALING")']
     else:
         lines.append("EXTRA_AUTOSCALING=()")
-    lines.append(f'exec "$RAY" start {_join(args)} "${{EXTRA_AUTOSCALING[@]}}" '
-                 "${HYBRIDRAY_RAY_START_EXTRA:-}")
-    return "\n".join(lines) + "\n"
+    lines.append(f'ARGS=({_join(args)} --node-ip-address "$NODE_IP" "${{TEMP_ARGS[@]}}" '
+                 '"${EXTRA_AUTOSCALING[@]}")')
+    return "\n".join(lines) + LOOP
 
 
 def join_script(topology: Topology, options: RenderOptions, site: str, pool, index: int,
                 host: str) -> str:
-    """A worker's start script: ``ray start --address HEAD`` with its site's labels."""
+    """A worker's service loop: ``ray start --address HEAD`` with its site's labels."""
     spec = pool_node(topology, site, pool, index)
     args = ["--block", "--disable-usage-stats", *declared_args(spec),
-            *network.ray_start_port_args(head=False)]
-    lines = _header(topology, f"Join {host} to {topology.name!r} as {site}/{pool.name} "
-                              f"#{index}.", options, host)
+            *network.ray_start_port_args(head=False, node_ports=_pinned(topology, site))]
+    lines = _header(topology, f"Join {host} to {topology.name} as {site}/{pool.name} "
+                              f"#{index}.", options, host, cert_name(topology, site, host))
     default = options.gcs_address()
     if default:
         lines.append(f'HEAD="${{HYBRIDRAY_HEAD_ADDRESS:-{default}}}"')
@@ -113,20 +226,27 @@ def join_script(topology: Topology, options: RenderOptions, site: str, pool, ind
         lines += ['HEAD="${HYBRIDRAY_HEAD_ADDRESS:-}"',
                   'if [ -z "$HEAD" ]; then',
                   '  echo "hybridray: set HYBRIDRAY_HEAD_ADDRESS=HOST:6379 (the head\'s GCS) in '
-                  '$CONF or the environment" >&2; exit 2',
+                  '$CONF or the environment" >&2',
+                  "  exit 2",
                   "fi"]
-    lines.append(f'exec "$RAY" start --address "$HEAD" {_join(args)} '
-                 "${HYBRIDRAY_RAY_START_EXTRA:-}")
-    return "\n".join(lines) + "\n"
+    lines.append(f'ARGS=(--address "$HEAD" {_join(args)} --node-ip-address "$NODE_IP" '
+                 '"${TEMP_ARGS[@]}")')
+    return "\n".join(lines) + LOOP
+
+
+def _pinned(topology: Topology, site: str) -> bool:
+    """Nodes of a local site share one machine: their node ports cannot be pinned."""
+    return topology.sites[site].provider is not Provider.local
 
 
 def systemd_unit(topology: Topology) -> str:
     """One unit for every host: it runs the host's script copied to ``ETC/node.sh``."""
     etc = etc_dir(topology)
-    return f"""# hybridray node of cluster {topology.name!r}: copy this host's script (head.sh or
-# join-HOST.sh) to {etc}/node.sh, then:
+    return f"""# hybridray node of cluster {topology.name}: copy this host's script (head.sh or
+# join-POOL-I.sh) to {etc}/node.sh, then:
 #   sudo cp hybridray-ray.service /etc/systemd/system/ && sudo systemctl daemon-reload
 #   sudo systemctl enable --now hybridray-ray
+# The script restarts Ray itself (backoff); Restart=always restarts the script if it dies.
 [Unit]
 Description=Ray node of hybridray cluster {topology.name}
 Wants=network-online.target
@@ -138,10 +258,10 @@ User=ray
 Group=ray
 EnvironmentFile=-{etc}/cluster.env
 ExecStart=/bin/bash {etc}/node.sh
-ExecStop=/bin/bash -c 'ray stop --grace-period 30'
 KillMode=mixed
+KillSignal=SIGTERM
 TimeoutStopSec=60
-Restart=on-failure
+Restart=always
 RestartSec=10
 LimitNOFILE=65536
 
@@ -151,18 +271,31 @@ WantedBy=multi-user.target
 
 
 def cluster_env(topology: Topology, options: RenderOptions) -> str:
-    """The settings file every host reads (no secrets: paths to them)."""
+    """The settings file every host reads (no secrets: paths to them). Values are quoted so
+    the file is both a shell file (the scripts source it) and a systemd EnvironmentFile."""
     etc = etc_dir(topology)
     head = options.gcs_address() or ""
-    lines = [f"# {etc}/cluster.env: read by head.sh, join-*.sh and hybridray-ray.service.",
+    lines = ["# shellcheck shell=bash disable=SC2034  # assignments the scripts source",
+             f"# {etc}/cluster.env: read by head.sh, join-*.sh and hybridray-ray.service.",
              "# The GCS address of the head, as the other sites reach it (over the VPN):",
-             f"HYBRIDRAY_HEAD_ADDRESS={head}",
-             f"HYBRIDRAY_TOKEN_FILE={etc}/token",
+             f"HYBRIDRAY_HEAD_ADDRESS={_env_value(head)}",
+             f"HYBRIDRAY_TOKEN_FILE={_env_value(str(etc / 'token'))}",
              ]
     if options.tls:
-        lines.append(f"HYBRIDRAY_TLS_DIR={etc}/tls")
+        lines.append(f"HYBRIDRAY_TLS_DIR={_env_value(str(etc / 'tls'))}")
     return "\n".join(lines) + "\n"
 
 
+def _env_value(value: str) -> str:
+    """Double-quoted: the one quoting both bash and systemd's EnvironmentFile read alike (the
+    values are validated addresses and paths, so they hold no quote, $ or backslash)."""
+    if any(c in value for c in '"$`\\\n'):
+        raise ValueError(f"unsafe value for cluster.env: {value!r}")
+    return f'"{value}"'
+
+
 def _join(args: list[str]) -> str:
-    return " ".join(shlex.quote(a) for a in args)
+    """Shell words; anything beyond plain path characters is single-quoted (a label list's
+    commas too, which shellcheck would otherwise read as a mistaken array separator)."""
+    return " ".join(a if re.fullmatch(r"[A-Za-z0-9_./:@%+-]+", a) else shlex.quote(a) if
+                    any(c in a for c in "'") else f"'{a}'" for a in args)

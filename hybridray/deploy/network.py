@@ -54,8 +54,12 @@ RULES = [
 ]
 
 
-def ray_start_port_args(head: bool) -> list[str]:
-    """``ray start`` arguments pinning every port this module lists."""
+def ray_start_port_args(head: bool, node_ports: bool = True) -> list[str]:
+    """``ray start`` arguments pinning every port this module lists.
+
+    ``node_ports=False`` leaves the per-node ports to Ray (nodes sharing one machine: a
+    ``provider: local`` site); the head's GCS, dashboard and client ports stay pinned.
+    """
     args = ["--node-manager-port", str(NODE_MANAGER),
             "--object-manager-port", str(OBJECT_MANAGER),
             "--runtime-env-agent-port", str(RUNTIME_ENV_AGENT),
@@ -63,7 +67,7 @@ def ray_start_port_args(head: bool) -> list[str]:
             "--dashboard-agent-listen-port", str(DASHBOARD_AGENT_HTTP),
             "--metrics-export-port", str(METRICS_EXPORT),
             "--min-worker-port", str(MIN_WORKER_PORT),
-            "--max-worker-port", str(MAX_WORKER_PORT)]
+            "--max-worker-port", str(MAX_WORKER_PORT)] if node_ports else []
     if head:
         args += ["--port", str(GCS), "--dashboard-port", str(DASHBOARD),
                  "--dashboard-host", "0.0.0.0",

@@ -10,11 +10,20 @@ Where the head runs decides how the file is used:
 * head elsewhere (an on-prem machine): the head runs ``ray start --head
   --autoscaling-config ray-up.yaml`` and its autoscaler launches this site's pools, which
   join it over the private link. The ``head`` node type then stands for that machine and is
-  never launched (``max_workers: 0``).
+  never launched (``max_workers: 0``). No ``ray up`` bootstrap runs in that case, so every
+  ``node_config`` must already hold what Ray's AWS provider reads (``SubnetIds``,
+  ``SecurityGroupIds``, ``KeyName``, ``ImageId``) and ``auth`` the SSH key the autoscaler
+  uses: render refuses without them.
+
+``file_mounts`` sources are absolute (the autoscaler resolves them from its working directory,
+``/`` under systemd). A VM receives the cluster token, the trust bundle and *its own site's*
+intermediate CA (to mint its certificate at boot, after which the key is deleted), never the
+root CA's key (docs/security.md#trust-per-site).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, ClassVar
 
 from hybridray.deploy import network
@@ -52,6 +61,9 @@ class CloudProvider:
     def node_config(self, pool: NodePool | None, where: str) -> dict[str, Any]:
         raise NotImplementedError
 
+    def check_unbootstrapped(self) -> None:
+        """Refuse what the provider cannot launch without ``ray up``'s bootstrap."""
+
     def _instance_type(self, pool: NodePool | None, where: str) -> str:
         if pool is None:
             return self.default_head_instance
@@ -74,10 +86,43 @@ class Aws(CloudProvider):
         return out
 
     def node_config(self, pool, where):
+        o = self.options
         config: dict[str, Any] = {"InstanceType": self._instance_type(pool, where)}
+        image = o.aws_gpu_ami if pool is not None and pool.gpus else o.aws_ami
+        if image:
+            config["ImageId"] = image
+        if o.aws_subnets:
+            config["SubnetIds"] = list(o.aws_subnets)
+        if o.aws_security_groups:
+            config["SecurityGroupIds"] = list(o.aws_security_groups)
+        if o.ssh_key_name:
+            config["KeyName"] = o.ssh_key_name
         if pool is not None and pool.spot:
             config["InstanceMarketOptions"] = {"MarketType": "spot"}
+        tags = [{"Key": "hybridray.io/cluster", "Value": self.topology.name},
+                {"Key": "hybridray.io/site", "Value": self.site_name}]
+        if pool is not None:
+            tags.append({"Key": "hybridray.io/pool", "Value": pool.name})
+        config["TagSpecifications"] = [{"ResourceType": "instance", "Tags": tags}]
         return config
+
+    def check_unbootstrapped(self) -> None:
+        """The head runs elsewhere: no ray up bootstrap will fill in the node configs."""
+        o = self.options
+        gpu = any(p.gpus for p in self.site.pools)
+        missing = [flag for flag, value in (
+            ("--aws-subnet SUBNET_ID", o.aws_subnets),
+            ("--aws-security-group SG_ID", o.aws_security_groups),
+            ("--ssh-key-name KEY_PAIR", o.ssh_key_name),
+            ("--ssh-private-key PATH_ON_THE_HEAD", o.ssh_private_key),
+            ("--aws-ami AMI_ID", o.aws_ami or not any(not p.gpus for p in self.site.pools)),
+            ("--aws-gpu-ami AMI_ID", o.aws_gpu_ami or not gpu)) if not value]
+        if missing:
+            raise DeployError(
+                f"sites.{self.site_name}: the head runs at {self.topology.head.site!r}, whose "
+                f"autoscaler launches the {self.site_name} VMs without ray up's bootstrap, so "
+                f"every node type must name its subnets, security groups, key pair and image; "
+                f"pass {' '.join(missing)}")
 
 
 GCP_ACCELERATORS = {"A100": "nvidia-tesla-a100", "A100-80GB": "nvidia-a100-80gb",
@@ -118,6 +163,16 @@ class Gcp(CloudProvider):
         return config
 
 
+    def check_unbootstrapped(self) -> None:
+        # Ray's GCP provider needs networkInterfaces and serviceAccounts that only ray up's
+        # bootstrap (gcp/config.py) fills in; hybridray does not render them.
+        raise DeployError(
+            f"sites.{self.site_name}: the head runs at {self.topology.head.site!r}, whose "
+            f"autoscaler would launch the gcp VMs without ray up's bootstrap, which Ray's GCP "
+            "provider needs; put the head at this site (head.site), or run the site on GKE "
+            "(provider: kubernetes)")
+
+
 PROVIDERS: dict[str, type[CloudProvider]] = {"aws": Aws, "gcp": Gcp}
 
 
@@ -154,22 +209,32 @@ def ray_up_config(topology: Topology, site_name: str, options: RenderOptions) ->
                             "resources": resources, "labels": labels,
                             "min_workers": pool.min_nodes, "max_workers": pool.max_nodes}
         max_workers += pool.max_nodes
+    if not head_here:
+        cloud.check_unbootstrapped()
     # ray up copies file_mounts as the SSH user, so on VMs the files live in its home, not
     # under /etc/hybridray as on hosts; the start commands run in a shell that expands $HOME.
     mount_dir = f"~/hybridray/{topology.name}"
     home_dir = f"$HOME/hybridray/{topology.name}"
-    mounts = {f"{mount_dir}/token": f"{options.secrets_dir}/token"}
+    sources = mount_sources(topology, site_name, options)
+    mounts = {f"{mount_dir}/token": sources["token"]}
     if options.tls:
-        mounts[f"{mount_dir}/tls/ca.crt"] = f"{options.secrets_dir}/ca.crt"
-        mounts[f"{mount_dir}/tls/ca.key"] = f"{options.secrets_dir}/ca.key"
-        mounts[f"{mount_dir}/{NODE_CERT_SCRIPT}"] = NODE_CERT_SCRIPT
+        mounts[f"{mount_dir}/tls/ca.crt"] = sources["trust"]
+        mounts[f"{mount_dir}/tls/site-ca.crt"] = sources["site_ca"]
+        mounts[f"{mount_dir}/tls/site-ca.key"] = sources["site_key"]
+        mounts[f"{mount_dir}/{NODE_CERT_SCRIPT}"] = sources["script"]
     etc = str(etc_dir(topology))
     exports = " ".join(f"{k}={v.replace(etc, home_dir)}"
                        for k, v in node_env(topology, options).items())
     setup = [f"pip install -q 'ray[default]=={options.version()}'",
              f"chmod 700 {home_dir} && chmod 600 {home_dir}/token"]
-    if options.tls:
-        setup.append(f"bash {home_dir}/{NODE_CERT_SCRIPT} {home_dir}/tls")
+    head_setup: list[str] = []
+    worker_setup: list[str] = []
+    if options.tls:  # mint with the site CA, then delete its key from the VM
+        mint = (f"DELETE_SITE_KEY=1 sh {home_dir}/{NODE_CERT_SCRIPT} {home_dir}/tls "
+                f"{home_dir}/tls")
+        head_host = (options.head_address or "").rsplit(":", 1)[0].strip("[]")
+        head_setup.append(f"{mint} {head_host}".strip() if head_here else mint)
+        worker_setup.append(mint)
     worker_args = " ".join(network.ray_start_port_args(head=False))
     head_args = " ".join(a if " " not in a else repr(a) for a in
                          ["--head", *network.ray_start_port_args(head=True),
@@ -180,11 +245,15 @@ def ray_up_config(topology: Topology, site_name: str, options: RenderOptions) ->
         "upscaling_speed": 1.0,
         "idle_timeout_minutes": 10,
         "provider": provider,
-        "auth": {"ssh_user": "ubuntu"},
+        "auth": {"ssh_user": "ubuntu",
+                 **({"ssh_private_key": options.ssh_private_key}
+                    if options.ssh_private_key else {})},
         "available_node_types": types,
         "head_node_type": HEAD_TYPE,
         "file_mounts": mounts,
         "setup_commands": setup,
+        "head_setup_commands": head_setup,
+        "worker_setup_commands": worker_setup,
         "head_start_ray_commands": ["ray stop",
                                     f"ulimit -n 65536; {exports} ray start {head_args} "
                                     f"{' '.join(_quoted(declared_args(head)))}"],
@@ -192,6 +261,27 @@ def ray_up_config(topology: Topology, site_name: str, options: RenderOptions) ->
                                       f"ulimit -n 65536; {exports} ray start "
                                       f"--address=$RAY_HEAD_IP:{network.GCS} {worker_args}"],
     }
+
+
+def mount_sources(topology: Topology, site_name: str, options: RenderOptions) -> dict[str, str]:
+    """Absolute paths, on the machine whose autoscaler reads the file, of what VMs receive.
+
+    Head at this site: ``ray up`` runs on the operator's machine, from ``--secrets-dir`` and
+    the render directory. Head elsewhere: the head's own autoscaler syncs them from the head,
+    where README.md tells the operator to put them (under ``/etc/hybridray/CLUSTER``).
+    """
+    if topology.head.site == site_name:
+        secrets = os.path.abspath(os.path.expanduser(options.secrets_dir))
+        deploy = os.path.abspath(options.deploy_dir or ".")
+        return {"token": f"{secrets}/token", "trust": f"{secrets}/trust.pem",
+                "site_ca": f"{secrets}/sites/{site_name}/ca.crt",
+                "site_key": f"{secrets}/sites/{site_name}/ca.key",
+                "script": f"{deploy}/{site_name}/{NODE_CERT_SCRIPT}"}
+    etc = str(etc_dir(topology))
+    return {"token": f"{etc}/token", "trust": f"{etc}/tls/ca.crt",
+            "site_ca": f"{etc}/sites/{site_name}/ca.crt",
+            "site_key": f"{etc}/sites/{site_name}/ca.key",
+            "script": f"{etc}/{site_name}/{NODE_CERT_SCRIPT}"}
 
 
 def _quoted(args: list[str]) -> list[str]:

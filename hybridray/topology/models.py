@@ -15,9 +15,17 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from hybridray.topology.syntax import (
+    dns_label_problem,
+    host_problem,
+    label_key_problem,
+    label_value_problem,
+)
+
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$"
 NAME_HELP = "lowercase letters, digits and '-', 1-32 characters, starting and ending alphanumeric"
 _NAME_RE = re.compile(NAME_PATTERN)
+_RESOURCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/-]{0,62}")
 
 
 def problem(subpath: str, message: str) -> ValueError:
@@ -131,10 +139,41 @@ class NodePool(_Strict):
         default_factory=dict, description="Kubernetes nodeSelector (kubernetes provider)."
     )
 
+    # Values that become Ray labels, ray start arguments, file names or shell words: Ray's
+    # label syntax or a host-name/IP syntax, refused here with the key path (topology/syntax.py).
+    @field_validator("accelerator", "instance_type")
+    @classmethod
+    def _label_safe(cls, value: str | None) -> str | None:
+        why = None if value is None else label_value_problem(value)
+        if why:
+            raise ValueError(why)
+        return value
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts_syntax(cls, value: list[str]) -> list[str]:
+        for i, host in enumerate(value):
+            why = host_problem(host)
+            if why:
+                raise problem(f"[{i}]", why)
+        return value
+
+    @field_validator("node_selector")
+    @classmethod
+    def _selector_syntax(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, label in value.items():
+            why = label_key_problem(key) or label_value_problem(label)
+            if why:
+                raise problem(key, why)
+        return value
+
     @field_validator("resources")
     @classmethod
     def _resources_positive(cls, value: dict[str, float]) -> dict[str, float]:
         for key, amount in value.items():
+            if not _RESOURCE_RE.fullmatch(key):
+                raise problem(key, f"a custom resource name is at most 63 letters, digits, "
+                                   f"'-', '_', '.', ':' or '/' (got {key!r})")
             if key in ("CPU", "GPU", "memory", "object_store_memory"):
                 raise problem(key, f"'{key}' is set by cpus/gpus/memory_gb; remove it here")
             if amount < 0:
@@ -239,6 +278,22 @@ class Site(_Strict):
         default_factory=dict, description="Links from this site to others, by site name."
     )
     namespace: str | None = Field(None, description="Kubernetes namespace (kubernetes provider).")
+
+    @field_validator("region", "zone")
+    @classmethod
+    def _label_safe(cls, value: str | None) -> str | None:
+        why = None if value is None else label_value_problem(value)
+        if why:
+            raise ValueError(why)
+        return value
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace_syntax(cls, value: str | None) -> str | None:
+        why = None if value is None else dns_label_problem(value)
+        if why:
+            raise ValueError(why)
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> Site:

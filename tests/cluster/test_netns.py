@@ -155,7 +155,7 @@ def _status(name, home):
 def test_every_node_is_a_host_of_its_own_started_by_the_rendered_script(ns_cluster,
                                                                         hybridray_home):
     from hybridray.cluster.gcs import GcsView
-    from hybridray.cluster.nshosts import static_topology
+    from hybridray.cluster.nshosts import host_tls, static_topology
     from hybridray.deploy.certs import cert_hosts
     from hybridray.deploy.common import RenderOptions
     from hybridray.deploy.render import build
@@ -172,7 +172,7 @@ def test_every_node_is_a_host_of_its_own_started_by_the_rendered_script(ns_clust
         inside = netns.run("ip", "netns", "identify", str(node.pid)).stdout.strip()
         assert inside == host.netns
         # its certificate names its own IP, and it runs the rendered script, unchanged
-        assert host.ip in cert_hosts(f"{state.state_dir}/tls/nodes/{host.ip}.crt")
+        assert host.ip in cert_hosts(host_tls(state, host)["RAY_TLS_SERVER_CERT"])
     with GcsView(state.address, state.token_path, state.tls) as gcs:
         infos = gcs._client.get_all_node_info(timeout=5)
     addresses = {dict(i.labels).get("hybridray.io/node"): i.node_manager_address

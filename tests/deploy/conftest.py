@@ -29,3 +29,25 @@ def raycluster_schema() -> dict:
     crd = yaml.safe_load(KUBERAY_CRD.read_text())
     version = next(v for v in crd["spec"]["versions"] if v.get("storage"))
     return version["schema"]["openAPIV3Schema"]
+
+
+# What an operator passes when the head is on-prem and its autoscaler launches AWS VMs
+# without ray up's bootstrap (docs/deploy.md): shared by the render tests.
+AWS_OPTIONS = dict(aws_subnets=("subnet-0a1b2c3d4e5f60718",),
+                   aws_security_groups=("sg-0a1b2c3d4e5f60718",), ssh_key_name="hybridray-ops",
+                   ssh_private_key="/etc/hybridray/onprem-aws/ssh/hybridray-ops.pem",
+                   aws_ami="ami-0a1b2c3d4e5f60718", aws_gpu_ami="ami-0f1e2d3c4b5a69788")
+AWS_FLAGS = ["--aws-subnet", "subnet-0a1b2c3d4e5f60718", "--aws-security-group",
+             "sg-0a1b2c3d4e5f60718", "--ssh-key-name", "hybridray-ops", "--ssh-private-key",
+             "/etc/hybridray/onprem-aws/ssh/hybridray-ops.pem", "--aws-ami",
+             "ami-0a1b2c3d4e5f60718", "--aws-gpu-ami", "ami-0f1e2d3c4b5a69788"]
+
+
+def shellcheck_or_skip() -> str:
+    """The shellcheck binary (Debian package, installed by .ci/run), or skip saying why."""
+    import shutil
+
+    path = shutil.which("shellcheck")
+    if path is None:
+        pytest.skip("shellcheck is not installed (apt-get install shellcheck; .ci/run does)")
+    return path

@@ -22,7 +22,7 @@ from hybridray import labels as L
 from hybridray.cluster import down, load_state, ray_env
 from hybridray.cluster.plan import NODE
 from hybridray.cluster.ports import free_ports
-from hybridray.deploy.certs import create_ca, issue_node_cert
+from hybridray.deploy.certs import create_ca, create_site_ca, issue_node_cert
 from hybridray.deploy.common import RenderOptions
 from hybridray.deploy.render import render
 from hybridray.topology import load_topology
@@ -114,7 +114,8 @@ def test_with_tls_the_local_cluster_runs_work_and_drivers_get_the_tls_env(tls_cl
     assert report["gcs"]["reachable"] and report["state"] == "up", status.stderr[-2000:]
 
 
-def _join(tls_cluster, tmp_path: Path, cert: dict[str, str]) -> subprocess.Popen:
+def _join(tls_cluster, tmp_path: Path, cert: dict[str, str], once: bool = False
+          ) -> subprocess.Popen:
     """Run the rendered join script of cloud-b's node against the TLS cluster's head."""
     topology = load_topology(CLUSTERS / "local.yaml",
                              [f"name={TLS_NAME}", "sites.cloud-b.pools.0.count=1"])
@@ -131,6 +132,8 @@ def _join(tls_cluster, tmp_path: Path, cert: dict[str, str]) -> subprocess.Popen
                      HYBRIDRAY_TLS_CERT=cert["RAY_TLS_SERVER_CERT"],
                      HYBRIDRAY_TLS_KEY=cert["RAY_TLS_SERVER_KEY"],
                      HYBRIDRAY_TLS_CA=cert["RAY_TLS_CA_CERT"], HYBRIDRAY_RAY_START_EXTRA=extra,
+                     HYBRIDRAY_NODE_IP=tls_cluster.address.rsplit(":", 1)[0],
+                     HYBRIDRAY_ONCE="1" if once else "0",
                      RAY_gcs_rpc_server_reconnect_timeout_s="20")
     log = open(tmp_path / "join.log", "wb")
     proc = subprocess.Popen(["bash", str(script)], env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -177,9 +180,10 @@ def test_a_rendered_join_script_joins_with_its_sites_labels_and_resources(tls_cl
 
 def test_a_node_with_a_certificate_from_another_ca_cannot_join(tls_cluster, tmp_path):
     create_ca(tmp_path / "rogue", "rogue")
+    create_site_ca(tmp_path / "rogue", "rogue", "cloud-b")
     ip = tls_cluster.address.rsplit(":", 1)[0]
-    rogue = issue_node_cert(tmp_path / "rogue", "local", [ip]).env()
-    proc = _join(tls_cluster, tmp_path, rogue)
+    rogue = issue_node_cert(tmp_path / "rogue", "local", [ip], site="cloud-b").env()
+    proc = _join(tls_cluster, tmp_path, rogue, once=True)
     try:
         try:
             code = proc.wait(240)

@@ -42,6 +42,9 @@ from hybridray.exceptions import ClusterError, NetnsError
 from hybridray.topology.models import Topology
 
 UP_TIMEOUT_S = 120.0
+#: the head's node health checks in a rehearsal (Ray's defaults: 3 s, 10 s, 5 failures)
+HEALTH_CHECKS = {"RAY_health_check_period_ms": "2000", "RAY_health_check_timeout_ms": "4000",
+                 "RAY_health_check_failure_threshold": "5"}
 
 
 def up(topology: Topology, *, state: ClusterState, specs: list[NodeSpec],
@@ -176,7 +179,11 @@ def _host_env(state: ClusterState, host: netns.NetHost, hosts_dir: Path) -> Path
         "HYBRIDRAY_TEMP_DIR": temp,
         "HYBRIDRAY_RAY": str(Path(sys.executable).parent / "ray"),
         "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+        # a rehearsal's drills should not wait a minute: restart a node every 10 s at most
+        "HYBRIDRAY_RESTART_MAX_DELAY": "10",
     }
+    if host.key == "head":  # the GCS declares a cut-off node dead after ~10 s, not ~30 s
+        values.update(HEALTH_CHECKS)
     lines = [f"# cluster.env of host {host.ip} ({host.key}) of namespace cluster {state.name}"]
     lines += [f'{k}="{v}"' for k, v in values.items()]
     hosts_dir.mkdir(parents=True, exist_ok=True)

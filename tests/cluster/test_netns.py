@@ -1,19 +1,23 @@
 """Namespace hosts: sites as hosts with their own addresses, shaped links, partition and heal.
 
 Needs root and network namespaces (CI runs as root); elsewhere these tests skip with the one
-reason. One namespace cluster (``clusters/local.yaml`` as ``t-netns``, its own storage roots)
-is shared by the module; the partition drill runs serving, training and a sync through one
-cut of cloud-b. Everything the module makes is listed before and after: nothing may be left.
+reason. One namespace cluster is shared by the module: ``clusters/local.yaml`` as
+``rehearsal`` in a HYBRIDRAY_HOME of its own, brought up, drilled and brought down by the bash
+blocks of docs/deploy.md's rehearsal section, run as written. The partition drill runs
+serving, training and a sync through one cut of cloud-b. Every namespace, link and qdisc of
+the machine is listed before and after: nothing may be left.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -24,7 +28,7 @@ from tests.paths import CLUSTERS, ROOT
 REASON = netns.unsupported_reason()
 needs_netns = pytest.mark.skipif(REASON is not None, reason=REASON or "")
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
-NAME = "t-netns"
+NAME = "rehearsal"
 
 
 def machine_network() -> dict[str, list]:
@@ -118,28 +122,47 @@ def test_link_shaping_holds_a_real_transfer_to_the_link_rate_and_teardown_leaves
 
 
 # ---- one namespace cluster for the rest of the module -----------------------------------
+# It is brought up, driven and brought down by the bash blocks of docs/deploy.md's section
+# "Rehearse a deployment on one machine with namespaces", run as written, in order.
+
+DOC = ROOT / "docs" / "deploy.md"
+
+
+def doc_blocks() -> list[str]:
+    text = DOC.read_text()
+    section = text[text.index("## Rehearse a deployment on one machine with namespaces"):]
+    section = section[:section.index("\n## ", 1)]
+    return re.findall(r"```bash\n(.*?)```", section, re.S)
+
+
+def run_block(block: str, env: dict) -> str:
+    proc = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, f"{block}\n---\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+    return proc.stdout
+
 
 @pytest.fixture(scope="module")
-def ns_cluster(hybridray_home, tmp_path_factory):
+def ns_cluster(tmp_path_factory):
     if REASON:
         pytest.skip(REASON)
-    from hybridray.cluster import down, up
+    from hybridray.cluster import down, load_state
     from hybridray.exceptions import ClusterNotFound
-    from hybridray.topology import load_topology
 
-    storage = tmp_path_factory.mktemp("netns-storage")
-    overrides = [f"name={NAME}", *(f"sites.{s}.storage.root=file://{storage}/{s}"
-                                   for s in ("onprem", "cloud-a"))]
-    topology = load_topology(CLUSTERS / "local.yaml", overrides)
+    home = tmp_path_factory.mktemp("hrhome-netns")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_")},
+           "HYBRIDRAY_HOME": str(home), "PYTHONPATH": str(ROOT),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    blocks = doc_blocks()
+    assert len(blocks) == 5 and f"--hosts netns name={NAME}" in blocks[0]
     before = machine_network()
-    lines: list[str] = []
-    state = up(topology, source_file=CLUSTERS / "local.yaml", overrides=overrides,
-               home=hybridray_home, hosts="netns", timeout=180, progress=lines.append)
     try:
-        yield {"state": state, "before": before, "lines": lines, "storage": storage}
+        out = run_block(blocks[0], env)   # hybridray up ... --hosts netns; status
+        yield {"state": load_state(NAME, home=home), "before": before, "up": out,
+               "home": home, "env": env, "blocks": blocks}
     finally:
         try:
-            down(NAME, home=hybridray_home)
+            down(NAME, home=home)
         except ClusterNotFound:
             pass
 
@@ -152,8 +175,7 @@ def _status(name, home):
 
 @needs_netns
 @pytest.mark.slow
-def test_every_node_is_a_host_of_its_own_started_by_the_rendered_script(ns_cluster,
-                                                                        hybridray_home):
+def test_every_node_is_a_host_of_its_own_started_by_the_rendered_script(ns_cluster):
     from hybridray.cluster.gcs import GcsView
     from hybridray.cluster.nshosts import host_tls, static_topology
     from hybridray.deploy.certs import cert_hosts
@@ -192,7 +214,7 @@ def test_every_node_is_a_host_of_its_own_started_by_the_rendered_script(ns_clust
         capture_output=True, text=True, timeout=60)
     assert probe.returncode != 0
     # the links as declared: bandwidth shaped, latency said plainly where it is not applied
-    text = "\n".join(ns_cluster["lines"])
+    text = ns_cluster["up"]
     assert "link cloud-a -> cloud-b: 200 Mbit/s" in text
     assert rec.netem or "latency NOT applied" in text
 
@@ -232,8 +254,7 @@ def _promtool(tmp_path, series, tests) -> subprocess.CompletedProcess:
 
 @needs_netns
 @pytest.mark.slow
-def test_partition_drill_serving_status_alerts_training_and_sync(ns_cluster, hybridray_home,
-                                                                 tmp_path):
+def test_partition_drill_serving_status_alerts_training_and_sync(ns_cluster, tmp_path):
     """cloud-b is cut under load and healed: the rest keeps working, nothing is lost."""
     from hybridray import metrics
     from hybridray.cluster.nshosts import driver_argv
@@ -244,9 +265,10 @@ def test_partition_drill_serving_status_alerts_training_and_sync(ns_cluster, hyb
 
     if shutil.which("promtool") is None:
         pytest.fail("promtool is missing: apt-get install prometheus (.ci/run does)")
-    state = ns_cluster["state"]
-    make_checkpoint(ns_cluster["storage"] / "cloud-a" / "checkpoints" / "drill" /
-                    "checkpoint_000001", data_class="internal", site="cloud-a", steps=40)
+    state, hybridray_home = ns_cluster["state"], ns_cluster["home"]
+    cloud_a = hybridray_home / "storage" / "local" / "cloud-a"   # clusters/local.yaml's root
+    make_checkpoint(cloud_a / "checkpoints" / "drill" / "checkpoint_000001",
+                    data_class="internal", site="cloud-a", steps=40)
     env = {**os.environ, **ray_env(state), "PYTHONPATH": str(ROOT)}
     env.pop("RAY_AUTH_TOKEN", None)
     proc = subprocess.Popen(
@@ -346,13 +368,28 @@ def test_partition_drill_serving_status_alerts_training_and_sync(ns_cluster, hyb
 
 @needs_netns
 @pytest.mark.slow
-def test_down_removes_every_namespace_link_and_qdisc(ns_cluster, hybridray_home):
-    from hybridray.cluster import down
+def test_the_doc_shows_where_nodes_run_and_a_driver_on_the_head(ns_cluster):
+    rec = netns.NetRecord.from_json(ns_cluster["state"].netns)
+    out = run_block(ns_cluster["blocks"][1], ns_cluster["env"])   # env; ip netns list
+    assert f"export HYBRIDRAY_HEAD_NETNS={rec.host('head').netns}" in out
+    assert f"{rec.host('head').netns} " in out
+    out = run_block(ns_cluster["blocks"][2], ns_cluster["env"])   # a driver on the head
+    assert out.strip().splitlines()[-1] == repr(sorted(h.ip for h in rec.hosts))
 
+
+@needs_netns
+@pytest.mark.slow
+def test_the_doc_drill_and_down_leave_nothing_behind(ns_cluster):
     state = ns_cluster["state"]
     prefix = netns.NetRecord.from_json(state.netns).prefix
     assert netns.inventory(prefix)["netns"]
-    stopped = down(NAME, home=hybridray_home)
-    assert len(stopped) == 4
+    out = run_block(ns_cluster["blocks"][3], ns_cluster["env"])   # partition ... heal
+    first, second = out.split("is reachable again")
+    assert re.search(r"cloud-b\s*│\s*cloud\s*│\s*0/1", first), first       # cut: 0 of 1
+    assert 'hybridray_site_up{cluster="rehearsal",site="cloud-b",kind="cloud"} 0' in first
+    assert re.search(r"cloud-b\s*│\s*cloud\s*│\s*1/1", second), second     # back
+    out = run_block(ns_cluster["blocks"][4], ns_cluster["env"])   # down
+    assert "stopped cluster 'rehearsal': 4 node process(es)" in out
     assert netns.inventory(prefix) == {"netns": [], "links": [], "qdiscs": []}
     assert machine_network() == ns_cluster["before"]
+    assert not (state.state_dir / "secrets").exists()             # its keys went with it

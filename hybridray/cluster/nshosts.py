@@ -167,7 +167,7 @@ def _host_env(state: ClusterState, host: netns.NetHost, hosts_dir: Path) -> Path
     """The host's ``cluster.env`` (the rendered scripts' interface): head, token, its own
     certificate, its address and Ray's temp dir, the ray of this environment."""
     tls = host_tls(state, host)
-    temp = f"{state.temp_dir}/{host.key}"
+    temp = host_temp_dir(state, host)
     os.makedirs(temp, mode=0o700, exist_ok=True)
     values = {
         "HYBRIDRAY_HEAD_ADDRESS": state.address,
@@ -190,6 +190,12 @@ def _host_env(state: ClusterState, host: netns.NetHost, hosts_dir: Path) -> Path
     path = hosts_dir / f"{host.key}.env"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def host_temp_dir(state: ClusterState, host: netns.NetHost) -> str:
+    """Ray's --temp-dir of a host: short (unix socket paths hold 107 bytes), one per host."""
+    index = netns.NetRecord.from_json(state.netns).hosts.index(host)
+    return f"{state.temp_dir}/{index}"
 
 
 def host_tls(state: ClusterState, host: netns.NetHost) -> dict[str, str]:
@@ -225,7 +231,7 @@ def _launch(state: ClusterState, rec: netns.NetRecord, spec: NodeSpec, hosts_dir
     state.nodes.append(NodeRecord(
         key=spec.key, site=spec.site, pool=spec.pool, role=spec.role, index=spec.index,
         pid=proc.pid, pgid=proc.pid, start_time=start_time if start_time is not None else -1,
-        log=str(log), temp_dir=f"{state.temp_dir}/{spec.key}", cpus=spec.cpus, gpus=spec.gpus,
+        log=str(log), temp_dir=host_temp_dir(state, host), cpus=spec.cpus, gpus=spec.gpus,
         price_per_hour=spec.price_per_hour, agent_port=network.DASHBOARD_AGENT_HTTP))
     save_state(state)
 

@@ -113,6 +113,8 @@ def status(name: str, *, home: str | os.PathLike | None = None) -> dict[str, Any
         "created_at": state.created_at, "source_file": state.source_file,
         "overrides": state.overrides, "gcs": gcs, "nodes": nodes, "sites": sites,
         "unrecorded_nodes": sum(1 for n in seen if n.alive and n.key not in recorded),
+        "hosts": "netns" if state.netns else "local",
+        "partitioned": list(state.netns.get("partitioned", [])) if state.netns else [],
         "price_per_hour": round(sum(s["price_per_hour"] for s in sites.values()), 6),
     }
 

@@ -258,6 +258,9 @@ def _print_status(report: dict[str, Any]) -> None:
     sim = " (simulated)" if report["simulate"] else ""
     console.print(f"cluster [bold]{report['name']}[/] is {_state(report['state'])}{sim}: "
                   f"GCS {report['address']}, dashboard {report['dashboard_url'] or 'off'}")
+    for site in report.get("partitioned", []):
+        console.print(f"[yellow]site {site} is cut off (hybridray fault partition); heal it "
+                      f"with: hybridray fault heal {report['name']} {site}[/]")
     if not report["gcs"]["reachable"]:
         console.print(f"[yellow]GCS not reachable ({report['gcs']['error']}); "
                       "liveness below is from the processes only[/]")

@@ -181,6 +181,7 @@ def _host_env(state: ClusterState, host: netns.NetHost, hosts_dir: Path) -> Path
         "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}",
         # a rehearsal's drills should not wait a minute: restart a node every 10 s at most
         "HYBRIDRAY_RESTART_MAX_DELAY": "10",
+        **storage_env(state),
     }
     if host.key == "head":  # the GCS declares a cut-off node dead after ~10 s, not ~30 s
         values.update(HEALTH_CHECKS)
@@ -190,6 +191,20 @@ def _host_env(state: ClusterState, host: netns.NetHost, hosts_dir: Path) -> Path
     path = hosts_dir / f"{host.key}.env"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def storage_env(state: ClusterState) -> dict[str, str]:
+    """Credentials for the cluster's emulated S3 sites, as a real host has its own.
+
+    Off loopback, hybridray does not hand the emulator's placeholder keys out by itself (a
+    real endpoint needs real ones), so hosts and drivers get them in their environment.
+    """
+    from hybridray.storage.s3server import EMULATOR_ACCESS_KEY, EMULATOR_SECRET_KEY
+
+    if not any(k.startswith("s3-") for k in state.services):
+        return {}
+    return {"AWS_ACCESS_KEY_ID": EMULATOR_ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": EMULATOR_SECRET_KEY}
 
 
 def host_temp_dir(state: ClusterState, host: netns.NetHost) -> str:

@@ -28,6 +28,10 @@ def ray_env(state: ClusterState) -> dict[str, str]:
     if state.dashboard_url:
         env["RAY_API_SERVER_ADDRESS"] = state.dashboard_url
     env.update(state.tls)  # RAY_USE_TLS and the certificate every driver must present
+    if state.netns:
+        from hybridray.cluster.nshosts import storage_env
+
+        env.update(storage_env(state))  # its emulated S3 is not on loopback
     return env
 
 

@@ -43,12 +43,13 @@ def site_filesystem(site: Site, *, connect_timeout: float = 5.0, retries: int = 
 
 def s3_filesystem(endpoint: str | None = None, *, region: str | None = None,
                   connect_timeout: float = 5.0, retries: int = 3,
-                  allow_bucket_creation: bool | None = None):
+                  allow_bucket_creation: bool | None = None, emulator: bool = False):
     """A ``pyarrow.fs.S3FileSystem`` for AWS (``endpoint`` None) or an S3-compatible server.
 
     A loopback endpoint (the local cluster's emulator) gets placeholder keys when the
     environment has none, since any key works there and the AWS default chain would
-    otherwise probe EC2 instance metadata for seconds before giving up.
+    otherwise probe EC2 instance metadata for seconds before giving up. ``emulator`` says
+    the endpoint is hybridray's own S3 server elsewhere (a namespace host), with the same keys.
     """
     import pyarrow.fs as pafs
 
@@ -61,7 +62,7 @@ def s3_filesystem(endpoint: str | None = None, *, region: str | None = None,
         kwargs["scheme"] = url.scheme
         kwargs["allow_bucket_creation"] = True if allow_bucket_creation is None \
             else allow_bucket_creation
-        if is_loopback(endpoint) and not os.environ.get("AWS_ACCESS_KEY_ID"):
+        if (emulator or is_loopback(endpoint)) and not os.environ.get("AWS_ACCESS_KEY_ID"):
             from hybridray.storage.s3server import EMULATOR_ACCESS_KEY, EMULATOR_SECRET_KEY
 
             kwargs["access_key"] = EMULATOR_ACCESS_KEY

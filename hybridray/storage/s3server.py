@@ -129,7 +129,7 @@ def create_bucket(endpoint: str, bucket: str) -> None:
 
     from hybridray.storage.fs import s3_filesystem
 
-    fs = s3_filesystem(endpoint, allow_bucket_creation=True)
+    fs = s3_filesystem(endpoint, allow_bucket_creation=True, emulator=True)
     if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
         fs.create_dir(bucket)
 

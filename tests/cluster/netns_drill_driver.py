@@ -4,7 +4,9 @@
 
 It serves a model at cloud-a and cloud-b under steady load (most requests asking for cloud-b
 first), trains on-prem and syncs a dataset into cloud-b, while the test (in the root
-namespace, which owns the links) cuts and heals cloud-b. The two talk in lines: the driver
+namespace, which owns the links) cuts and heals cloud-b. The training is running when the
+link is cut, and the driver reports the cut phase done only once it has finished, so the
+whole run stays inside the partition's window. The two talk in lines: the driver
 prints ``PHASE NAME {json}`` and waits for the test's next line on stdin (``cut``, then
 ``healed``); the last line it prints is ``RESULT {json}``. Every wait is bounded.
 """
@@ -22,6 +24,8 @@ from pathlib import Path
 
 DEADLINE_S = 240        # of any one wait
 STEADY = 24             # requests answered before the cut (cloud-b among them)
+TRAIN_STEPS = 1200      # well past the cut on a 2-core machine; the driver waits for the end
+TRAIN_WARM_S = 30       # the cut comes only after the training has run this long
 
 
 def phase(name: str, **info) -> None:
@@ -124,10 +128,11 @@ models:
                 "model.block_size=32", "train.micro_batch=4", "train.eval_batches=2",
                 "train.warmup_steps=2", "train.max_failures=1", "data.max_files=12",
                 "data.shard_files=6", "metrics.progress=false", "train.workers=1",
-                "train.steps=400", "train.log_interval=50", "train.eval_interval=400",
-                "train.checkpoint_interval=400"])
+                f"train.steps={TRAIN_STEPS}", "train.log_interval=100",
+                f"train.eval_interval={TRAIN_STEPS}", f"train.checkpoint_interval={TRAIN_STEPS}"])
             train_out.update(ok=True, steps=r.steps, restarts=r.restarts,
-                             sites=r.worker_sites, attempts=len(r.attempts))
+                             sites=r.worker_sites, attempts=len(r.attempts),
+                             stepping_since=r.attempts[0]["started_at"] if r.attempts else None)
         except Exception as e:
             train_out.update(ok=False, error=repr(e)[:500])
         train_out.update(started=t0, ended=time.time())
@@ -138,8 +143,8 @@ models:
     for t in threads:
         t.start()
     t0 = time.monotonic()
-    while ((sum(answered["steady"].values()) < STEADY or not answered["steady"]["cloud-b"])
-           and time.monotonic() - t0 < DEADLINE_S):
+    while ((sum(answered["steady"].values()) < STEADY or not answered["steady"]["cloud-b"]
+            or time.monotonic() - t0 < TRAIN_WARM_S) and time.monotonic() - t0 < DEADLINE_S):
         time.sleep(0.2)
     phase("loaded", answered=dict(answered["steady"]), training=trainer.is_alive())
 
@@ -155,6 +160,7 @@ models:
         sync_error = {"type": type(e).__name__, "message": str(e)[:500]}
     sync_s = time.monotonic() - t0
     time.sleep(5)        # keep serving through the cut for a while
+    trainer.join(timeout=DEADLINE_S * 2)   # the training runs its course inside the cut
     phase("cut-checked", sync_error=sync_error, sync_s=round(sync_s, 1),
           answered=dict(answered["cut"]))
 

@@ -311,6 +311,9 @@ def _start_storage(state: ClusterState, topology: Topology, rec: netns.NetRecord
 
     sites = emulator.emulated_sites(topology, simulate=True)
     for site in sites:
+        if not rec.site_hosts(site):
+            say(f"  {'s3 storage':<14} {site:<14} not started: the site has no host to run on")
+            continue
         host = rec.site_hosts(site)[0]
         bucket = topology.sites[site].storage.path.split("/", 1)[0]
         server = s3server.start(log=state.state_dir / "logs" / f"s3-{site}.log",

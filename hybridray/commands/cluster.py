@@ -157,6 +157,15 @@ def run_down(args: argparse.Namespace) -> int:
               f"(pids {', '.join(map(str, stopped))}) in {time.monotonic() - started:.1f}s")
     else:
         print(f"cluster {name!r} was already down; nothing to stop")
+    if state is not None and state.netns:
+        from hybridray.cluster import netns
+
+        rec = netns.NetRecord.from_json(state.netns)
+        left = netns.inventory(rec.prefix)
+        made = {k: sum(1 for m in rec.made if m["kind"] == k) for k in ("netns", "link")}
+        print(f"removed {made['netns']} network namespace(s) and {made['link']} link(s) "
+              f"(bridges, veths, uplinks and their qdiscs; prefix {rec.prefix}); "
+              f"{len(left['netns']) + len(left['links'])} left")
     if state is not None:
         print(f"node logs kept in {state.state_dir / 'logs'}")
     return 0

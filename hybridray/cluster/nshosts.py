@@ -43,7 +43,7 @@ from hybridray.topology.models import Topology
 
 UP_TIMEOUT_S = 120.0
 #: the head's node health checks in a rehearsal (Ray's defaults: 3 s, 10 s, 5 failures)
-HEALTH_CHECKS = {"RAY_health_check_period_ms": "2000", "RAY_health_check_timeout_ms": "4000",
+HEALTH_CHECKS = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "2000",
                  "RAY_health_check_failure_threshold": "5"}
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 DEADLINE_S = 240        # of any one wait
 STEADY = 24             # requests answered before the cut (cloud-b among them)
 TRAIN_STEPS = 1200      # well past the cut on a 2-core machine; the driver waits for the end
-TRAIN_WARM_S = 30       # the cut comes only after the training has run this long
+TRAIN_WARM_STEPS = 5    # the cut comes only once the training has taken this many steps
 
 
 def phase(name: str, **info) -> None:
@@ -137,6 +137,18 @@ models:
             train_out.update(ok=False, error=repr(e)[:500])
         train_out.update(started=t0, ended=time.time())
 
+    def training_step() -> int:
+        """The step the training reports to its progress board (a named actor on the head)."""
+        import ray
+
+        try:
+            boards = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                      if a["name"].startswith("hybridray-train-")]
+            return max((ray.get(ray.get_actor(b).poll.remote(0), timeout=5)["step"]
+                        for b in boards), default=0)
+        except Exception:
+            return 0
+
     trainer = threading.Thread(target=run_training, daemon=True)
     trainer.start()
     threads = [threading.Thread(target=loop, args=(i,), daemon=True) for i in range(4)]
@@ -144,8 +156,8 @@ models:
         t.start()
     t0 = time.monotonic()
     while ((sum(answered["steady"].values()) < STEADY or not answered["steady"]["cloud-b"]
-            or time.monotonic() - t0 < TRAIN_WARM_S) and time.monotonic() - t0 < DEADLINE_S):
-        time.sleep(0.2)
+            or training_step() < TRAIN_WARM_STEPS) and time.monotonic() - t0 < DEADLINE_S):
+        time.sleep(0.5)
     phase("loaded", answered=dict(answered["steady"]), training=trainer.is_alive())
 
     wait_for("cut")

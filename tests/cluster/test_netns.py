@@ -384,6 +384,8 @@ def test_the_doc_drill_and_down_leave_nothing_behind(ns_cluster):
     prefix = netns.NetRecord.from_json(state.netns).prefix
     assert netns.inventory(prefix)["netns"]
     out = run_block(ns_cluster["blocks"][3], ns_cluster["env"])   # partition ... heal
+    assert re.search(r"the GCS sees cloud-b's nodes dead [\d.]+s after the cut", out), out
+    assert re.search(r"cloud-b's nodes are back, alive in the GCS, [\d.]+s after", out), out
     first, second = out.split("is reachable again")
     assert re.search(r"cloud-b\s*│\s*cloud\s*│\s*0/1", first), first       # cut: 0 of 1
     assert 'hybridray_site_up{cluster="rehearsal",site="cloud-b",kind="cloud"} 0' in first

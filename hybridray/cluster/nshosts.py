@@ -181,6 +181,8 @@ def _host_env(state: ClusterState, host: netns.NetHost, hosts_dir: Path) -> Path
         "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}",
         # a rehearsal's drills should not wait a minute: restart a node every 10 s at most
         "HYBRIDRAY_RESTART_MAX_DELAY": "10",
+        # torch.distributed binds where the host name resolves (loopback here): name the NIC
+        "GLOO_SOCKET_IFNAME": "eth0", "NCCL_SOCKET_IFNAME": "eth0",
         **storage_env(state),
     }
     if host.key == "head":  # the GCS declares a cut-off node dead after ~10 s, not ~30 s

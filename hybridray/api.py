@@ -60,21 +60,25 @@ class Cluster:
         """``fn`` (a function, class, or something already ``@ray.remote``) with the
         placement's options applied; raises ``PlacementRefused`` if the policy refuses.
 
-        With ``guard`` (default) and a classified workload, plain functions check the node's
-        labels before running and plain classes before ``__init__`` (``check_residency``):
-        defence in depth behind the label selectors.
+        With ``guard`` (default), functions check the node's labels before running and
+        classes before ``__init__`` (``check_residency``): defence in depth behind the label
+        selectors. Something already ``@ray.remote`` is unwrapped, guarded and rebuilt with
+        its own ``@ray.remote`` options, so it is checked exactly like a plain function.
+        Inside the work, ``hybridray.child_options()`` gives children the same placement.
         """
         import ray
 
         placement = self.place(workload).raise_if_refused()
         opts = C.task_options(placement)
-        if hasattr(fn, "remote") and hasattr(fn, "options"):  # already @ray.remote
-            return fn.options(**opts)
-        target = fn
-        if guard and workload.data_classes:
-            target = _guard_class(fn, workload) if isinstance(fn, type) else \
-                guarded(workload.data_class)(fn)
-        return ray.remote(target).options(**opts)
+        base, defaults = _unwrap_remote(fn)
+        if not guard:
+            return (fn if base is not fn else ray.remote(fn)).options(**opts)
+        # The placement's class (an undeclared workload has the cluster's default by now).
+        data_class = placement.workload.data_class
+        target = _guard_class(base, data_class, opts) if isinstance(base, type) else \
+            guarded(data_class, opts)(base)
+        remote = ray.remote(**defaults)(target) if defaults else ray.remote(target)
+        return remote.options(**opts)
 
     def run(self, fn: Callable, workload: Workload, *args: Any, **kwargs: Any):
         """Place ``fn`` by ``workload`` and start it; returns the ``ObjectRef``."""
@@ -85,12 +89,30 @@ class Cluster:
         return self.remote(workload, cls).remote(*args, **kwargs)
 
 
-def _guard_class(cls: type, workload: Workload) -> type:
+def _unwrap_remote(fn: Any) -> tuple[Any, dict[str, Any]]:
+    """(the plain function or class, its ``@ray.remote(...)`` options) of ``fn``.
+
+    Something already ``@ray.remote`` is taken apart so the guard can wrap the code itself:
+    options applied to the remote object alone would place it but never check the node.
+    """
+    from ray.actor import ActorClass
+    from ray.remote_function import RemoteFunction
+
+    if isinstance(fn, RemoteFunction):
+        return fn._function, dict(fn._default_options or {})
+    if isinstance(fn, ActorClass):
+        return fn.__ray_metadata__.modified_class, dict(fn._default_options or {})
+    return fn, {}
+
+
+def _guard_class(cls: type, data_class: Any, options: dict[str, Any] | None = None) -> type:
     """A subclass of ``cls`` whose ``__init__`` first checks the node may hold the data."""
-    data_class = workload.data_class
+    from hybridray.placement.guard import enter_parent
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         check_residency(data_class)
+        if options is not None:
+            enter_parent(data_class, options)
         cls.__init__(self, *args, **kwargs)
 
     return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__,
@@ -122,4 +144,23 @@ def connect(name: str | None = None, *, home: str | os.PathLike | None = None,
         if not ray.is_initialized():
             os.environ.update(lifecycle.ray_env(state))
             ray.init(address=state.address, log_to_driver=False)
-    return Cluster(state.topology(), audit=AuditLog.for_cluster(name, home), state=state)
+    topology = state.topology()
+    _record_driver_site(topology, state.address)
+    return Cluster(topology, audit=AuditLog.for_cluster(name, home), state=state)
+
+
+def _record_driver_site(topology: Topology, address: str) -> None:
+    """Tell the guard where this driver runs: ``$HYBRIDRAY_SITE`` (set by ``hybridray
+    submit`` for a job's entrypoint, or by the operator), else the head's site when the
+    cluster's address is on this machine; otherwise unknown (reads here are refused)."""
+    from hybridray.placement.guard import set_driver_site
+    from hybridray.storage.fs import is_loopback
+
+    site = os.environ.get("HYBRIDRAY_SITE")
+    if site is None and is_loopback(f"tcp://{address}"):
+        site = topology.head.site
+    if site is not None and site not in topology.sites:
+        raise ClusterNotFound(f"HYBRIDRAY_SITE={site!r} is not a site of cluster "
+                              f"{topology.name!r}; set it to one of {', '.join(topology.sites)}")
+    set_driver_site(site, topology.sites[site].max_data_class if site else None,
+                    topology.name)

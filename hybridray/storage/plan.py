@@ -111,7 +111,8 @@ def discover(store: ObjectStore, address: DatasetAddress, uri: str) -> Source:
     return Source(address, store, files)
 
 
-def resolve_class(source: Source, declared: DataClass | str | None) -> tuple[DataClass, str]:
+def resolve_class(source: Source, declared: DataClass | str | None,
+                  default: DataClass = DataClass.restricted) -> tuple[DataClass, str]:
     """The source's data class and where it came from (manifest, declared, or default).
 
     A class recorded in a manifest can only be raised by a declaration, never lowered: only
@@ -128,7 +129,7 @@ def resolve_class(source: Source, declared: DataClass | str | None) -> tuple[Dat
         return max(declared, recorded or declared), "declared"
     if recorded is not None:
         return recorded, "manifest"
-    return DataClass.restricted, "default"
+    return DataClass(default), "default"
 
 
 def transform_fp(masking_fp: str | None, footer_key: str | None, compression: str) -> str:

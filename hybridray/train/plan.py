@@ -69,7 +69,7 @@ def plan_run(config: TrainConfig, cluster: Any, model_fn: Any = None) -> RunPlan
     topology: Topology = cluster.topology
     t = config.train
     data_addr = parse_address(config.data.output, topology)
-    classes = {DataClass(config.data.data_class)}
+    classes = {DataClass(config.data.data_class or topology.default_data_class)}
     kind = _model_kind(config, model_fn)
     init = None
     if config.model.init_from:
@@ -103,11 +103,15 @@ def plan_run(config: TrainConfig, cluster: Any, model_fn: Any = None) -> RunPlan
                          f"{topology.name!r} (sites: {', '.join(topology.sites)})")
     site = topology.sites[storage_site]
     if not site.may_hold(data_class):
-        raise PlacementRefused(
+        refusal = PlacementRefused(
             f"{config.name}: checkpoints inherit the data's class {data_class.value}, and "
             f"site {storage_site!r} may hold up to {site.max_data_class.value}",
             rule="residency", fix="set checkpoint.site to a site allowed for "
             f"{data_class.value}: {', '.join(topology.sites_by_class[data_class])}")
+        cluster.audit.refusal(refusal, what="train checkpoint", workload=config.name,
+                              site=storage_site, data_class=data_class.value,
+                              cluster=topology.name)
+        raise refusal
     fs, base = site_filesystem(site)
     storage_path = f"{base}/{config.checkpoint.path.strip('/')}" if base else \
         config.checkpoint.path.strip("/")

@@ -154,6 +154,15 @@ def _restart_placement(selector: dict[str, str], sites: list[str]):
     return RestartAtAllowedSites()
 
 
+def with_default_class(config: TrainConfig, topology: Any) -> TrainConfig:
+    """``config`` with ``data.data_class`` set to the cluster's ``default_data_class`` when
+    the config declares none: one rule for undeclared data in workloads, sync and training."""
+    if config.data.data_class is not None:
+        return config
+    data = config.data.model_copy(update={"data_class": topology.default_data_class})
+    return config.model_copy(update={"data": data})
+
+
 def train(config: TrainConfig | str | os.PathLike | dict, cluster: Any = None, *,
           overrides: list[str] | tuple[str, ...] = (), progress: bool | None = None,
           model: Any = None) -> TrainResult:
@@ -191,6 +200,7 @@ def train(config: TrainConfig | str | os.PathLike | dict, cluster: Any = None, *
         raise ClusterError("the cluster is not connected; use hybridray.connect(NAME)")
     show = config.metrics.progress if progress is None else progress
     started = time.time()
+    config = with_default_class(config, cluster.topology)
     plan = plan_run(config, cluster, model_fn=model)
     cluster.audit.record("train-start", cluster=cluster.name, run=plan.run_name,
                          data_class=plan.data_class.value, sites=plan.placement.assign(

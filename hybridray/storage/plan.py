@@ -84,7 +84,8 @@ class Plan:
     deleted: list[str] = field(default_factory=list)
 
 
-def discover(store: ObjectStore, address: DatasetAddress, uri: str) -> Source:
+def discover(store: ObjectStore, address: DatasetAddress, uri: str,
+             signing_key: bytes | None = None) -> Source:
     """The source's files: a committed hybridray dataset's parts, or a directory's files.
 
     Names starting with ``_`` or ``.`` are skipped in plain directories (``_SUCCESS``,
@@ -93,7 +94,7 @@ def discover(store: ObjectStore, address: DatasetAddress, uri: str) -> Source:
     if store.size(CURRENT) is not None:
         from hybridray.storage.manifest import DatasetStore
 
-        manifest = DatasetStore(store).manifest()
+        manifest = DatasetStore(store, signing_key).manifest()  # verified: class is trusted
         files = {p.path: FileInfo(p.path, p.bytes, 0, p.sha256, p.rows,
                                   schema_fp=manifest.schema_.fingerprint)
                  for p in manifest.parts}

@@ -248,9 +248,10 @@ def open_dataset(address: str, *, cluster=None, topology: Topology | None = None
     Pass a connected ``Cluster`` (its topology, keys and home are used) or a ``topology``.
     """
     topology, secrets = _context(cluster, topology, home)
+    _know_driver_site(cluster, topology)
     addr = parse_address(address, topology)
     store = dataset_store(topology, addr)
-    manifest = DatasetStore(store).manifest(version)
+    manifest = DatasetStore(store, secrets.signing_key()).manifest(version)  # signed by us
     keys = None
     if manifest.encryption:
         keys = key_ring(secrets, read_ids=[manifest.encryption["footer_key"]])
@@ -260,7 +261,7 @@ def open_dataset(address: str, *, cluster=None, topology: Topology | None = None
 def list_datasets(address: str, *, cluster=None, topology: Topology | None = None,
                   home: str | os.PathLike | None = None) -> list[dict[str, Any]]:
     """Committed datasets at or under ``address`` (``site:`` for a whole site's storage)."""
-    topology, _ = _context(cluster, topology, home)
+    topology, secrets = _context(cluster, topology, home)
     site, _, path = address.partition(":")
     if path.strip("/"):
         addr = parse_address(address, topology)
@@ -274,7 +275,7 @@ def list_datasets(address: str, *, cluster=None, topology: Topology | None = Non
     for key in sorted(store.list()):
         if key == CURRENT or key.endswith("/" + CURRENT):
             rel = key[: -len(CURRENT)].rstrip("/")
-            ds = DatasetStore(store.child(rel) if rel else store)
+            ds = DatasetStore(store.child(rel) if rel else store, secrets.signing_key())
             full = "/".join(x for x in (addr.path, rel) if x)
             try:
                 m = ds.manifest()
@@ -287,6 +288,17 @@ def list_datasets(address: str, *, cluster=None, topology: Topology | None = Non
                         "committed_at": m.committed_at, "source": m.source.get("address"),
                         "masked": m.masking is not None, "encrypted": m.encryption is not None})
     return out
+
+
+def _know_driver_site(cluster, topology: Topology) -> None:
+    """Where this driver runs, when ``connect`` has not said so in this process."""
+    from hybridray.placement.guard import _DRIVER
+
+    state = getattr(cluster, "state", None)
+    if not _DRIVER and state is not None and getattr(state, "address", None):
+        from hybridray.api import _record_driver_site
+
+        _record_driver_site(topology, state.address)
 
 
 def _context(cluster, topology: Topology | None, home) -> tuple[Topology, ClusterSecrets]:

@@ -39,6 +39,7 @@ from hybridray.storage.encryption import key_ring
 from hybridray.storage.fs import parse_address
 from hybridray.storage.manifest import (
     DatasetStore,
+    LeaseKeeper,
     Manifest,
     Part,
     SchemaInfo,
@@ -128,7 +129,8 @@ class _Run:
         secrets = ClusterSecrets(self.cluster.name, home)
         src_store = dataset_store(self.topology, self.src)
         self._say(f"listing {self.src}")
-        source = plan_mod.discover(src_store, self.src, self.src.uri(self.topology))
+        source = plan_mod.discover(src_store, self.src, self.src.uri(self.topology),
+                                   signing_key=secrets.signing_key())
         src_class, how = plan_mod.resolve_class(source, declared,
                                                 self.topology.default_data_class)
         out_class = spec.output_class_for(src_class) if spec else src_class
@@ -147,12 +149,14 @@ class _Run:
 
         dst_store = dataset_store(self.topology, self.dst)
         ensure_emulated_bucket(dst_store)
-        dst = DatasetStore(dst_store)
+        dst = DatasetStore(dst_store, secrets.signing_key())
         dst.acquire(self.sync_id)
+        self.lease = LeaseKeeper(dst, self.sync_id)
         try:
-            return self._sync(source, dst, spec, salt, masking_fp, src_class, out_class,
-                              src_pl, dst_pl, src_keys, dst_keys, transform, overwrite,
-                              checksum, keep, part_bytes)
+            with self.lease:
+                return self._sync(source, dst, spec, salt, masking_fp, src_class, out_class,
+                                  src_pl, dst_pl, src_keys, dst_keys, transform, overwrite,
+                                  checksum, keep, part_bytes)
         finally:
             with contextlib.suppress(HybridRayError):
                 dst.release(self.sync_id)
@@ -235,6 +239,7 @@ class _Run:
                 if spec else None,
                 encryption=dst_keys.describe() if dst_keys else None, transform=transform,
                 schema=schema, rows=result.rows, bytes=result.bytes, parts=parts)
+            self.lease.check()  # renewed all along, and still ours: or nothing is committed
             committed = dst.commit(manifest, expect=cur)
             result.version = committed.version
             self._say(f"committed {self.dst} version {committed.version}")

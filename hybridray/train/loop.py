@@ -373,7 +373,8 @@ def _save(tmp: str, raw: torch.nn.Module, optimizer: Any, scaler: Any, wan: Any,
         meta={"data_class": spec["data_class"], "site": s["site"], "tokenizer": TOKENIZER,
               "run": spec.get("run_name"), "cluster": spec.get("cluster"),
               "dataset": spec.get("corpus_address"), "step": s["step"],
-              "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+              "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+        signing_key=bytes.fromhex(spec["meta_key"]) if spec.get("meta_key") else None)
     return tmp
 
 

@@ -122,6 +122,9 @@ def build_trainer(config: TrainConfig, plan: RunPlan, corpus: Any, cluster: Any,
         "corpus": corpus.data, "corpus_address": str(corpus.address),
         "init_from": plan.init_from, "run_name": plan.run_name, "cluster": cluster.name,
         "board": board,
+        # Signs each checkpoint's hybridray.json in the workers (which run only at sites
+        # allowed for the data's class, like the data's own keys).
+        "meta_key": _signing_key(cluster).hex(),
     }
     callbacks = [_restart_placement(C.site_selector(plan.placement, plan.placement.sites[0]),
                                     plan.placement.sites)] if t.replace_on_restart else []
@@ -152,6 +155,13 @@ def _restart_placement(selector: dict[str, str], sites: list[str]):
             return None if self.starts == 1 else dict(anywhere)
 
     return RestartAtAllowedSites()
+
+
+def _signing_key(cluster: Any) -> bytes:
+    from hybridray.storage.secrets import ClusterSecrets
+
+    home = getattr(getattr(cluster, "state", None), "home", None)
+    return ClusterSecrets(cluster.name, home).signing_key()
 
 
 def with_default_class(config: TrainConfig, topology: Any) -> TrainConfig:

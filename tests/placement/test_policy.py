@@ -63,7 +63,8 @@ def test_no_spot_excludes_spot_pools(local):
 
 
 def test_near_data_prefers_the_data_site_then_fastest_link(local):
-    p = decide(local, Workload(data_classes="public", cpus=1, data_site="cloud-a", preference="near-data"))
+    p = decide(local, Workload(data_classes="public", cpus=1, data_site="cloud-a",
+                               preference="near-data"))
     assert p.sites[0] == "cloud-a"
     assert p.sites[1] == "onprem"  # 1000 Mbit/s to cloud-a, vs 200 for cloud-b
 

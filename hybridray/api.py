@@ -143,20 +143,52 @@ def connect(name: str | None = None, *, home: str | os.PathLike | None = None,
 
         if not ray.is_initialized():
             os.environ.update(lifecycle.ray_env(state))
-            ray.init(address=state.address, log_to_driver=False)
+            ray.init(address=state.address, log_to_driver=False, **_job_driver_node())
     topology = state.topology()
-    _record_driver_site(topology, state.address)
+    _record_driver_site(topology, state.address, init_ray)
     return Cluster(topology, audit=AuditLog.for_cluster(name, home), state=state)
 
 
-def _record_driver_site(topology: Topology, address: str) -> None:
-    """Tell the guard where this driver runs: ``$HYBRIDRAY_SITE`` (set by ``hybridray
-    submit`` for a job's entrypoint, or by the operator), else the head's site when the
-    cluster's address is on this machine; otherwise unknown (reads here are refused)."""
+def _job_driver_node() -> dict[str, str]:
+    """``ray.init`` options that attach a job's entrypoint to the node it runs on.
+
+    A job's entrypoint runs under the job supervisor on the node Ray placed it at, and
+    inherits ``RAY_RAYLET_PID`` from there; but a plain ``ray.init`` attaches to the *head*
+    when several nodes share a host (one machine, or several sites' nodes on one VM), so the
+    driver would see the head's labels. That raylet's ``--temp_dir`` names its node exactly.
+    """
+    pid = os.environ.get("RAY_RAYLET_PID")
+    if not pid or not pid.isdigit():
+        return {}
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = f.read().decode(errors="replace").split("\0")
+    except OSError:
+        return {}
+    temp = next((a.split("=", 1)[1] for a in args if a.startswith("--temp_dir=")), None)
+    return {"_temp_dir": temp} if temp else {}
+
+
+def _record_driver_site(topology: Topology, address: str, connected: bool = False) -> None:
+    """Tell the guard where this driver runs, and say so on stdout in a job.
+
+    A job's entrypoint (attached to its own node by ``_job_driver_node``): that node's
+    labels. Otherwise ``$HYBRIDRAY_SITE`` (the operator's word for this machine), else the
+    head's site when the cluster's address is on this machine; else unknown (reads refused).
+    """
+    from hybridray import labels as L
     from hybridray.placement.guard import set_driver_site
     from hybridray.storage.fs import is_loopback
 
-    site = os.environ.get("HYBRIDRAY_SITE")
+    site = None
+    if connected and _job_driver_node():
+        import ray
+
+        site = (ray.get_runtime_context().get_node_labels() or {}).get(L.SITE)
+        if site:  # visible in `hybridray submit` and `ray job logs`
+            print(f"hybridray: job driver running at site {site} (node "
+                  f"{ray.get_runtime_context().get_node_id()[:12]})", flush=True)
+    site = site or os.environ.get("HYBRIDRAY_SITE")
     if site is None and is_loopback(f"tcp://{address}"):
         site = topology.head.site
     if site is not None and site not in topology.sites:

@@ -192,8 +192,9 @@ class LocalStore(ObjectStore):
         with self._errors("list", prefix):
             for dirpath, _dirs, files in os.walk(base):
                 for name in files:
-                    if name.endswith(".tmp") and name.startswith("."):
-                        continue  # a write in progress (or one a crash left behind)
+                    if name.startswith(".") and name.endswith((".tmp", ".cas")):
+                        continue  # a write in progress (or one a crash left behind), or
+                        # the lock file of a compare-and-swap
                     full = os.path.join(dirpath, name)
                     st = os.stat(full)
                     out[os.path.relpath(full, self.root)] = (st.st_size, st.st_mtime_ns)

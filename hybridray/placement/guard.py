@@ -128,13 +128,13 @@ def guarded(data_class: DataClass | str, options: dict[str, Any] | None = None
             check_residency(cls)
             if options is None:
                 return fn(*args, **kwargs)
-            saved = dict(_PARENT)  # a worker process runs many tasks: restore afterwards
-            _PARENT.update(data_class=cls.value, options=options)
+            # Through module-level functions, not the dict itself: this closure is pickled
+            # by value into the worker, and would carry a copy of ``_PARENT`` with it.
+            saved = enter_parent(cls, options)  # a worker runs many tasks: restore after
             try:
                 return fn(*args, **kwargs)
             finally:
-                _PARENT.clear()
-                _PARENT.update(saved)
+                leave_parent(saved)
 
         return inner  # type: ignore[return-value]
 
@@ -165,9 +165,17 @@ def child_options(**overrides: Any) -> dict[str, Any]:
     return opts
 
 
-def enter_parent(data_class: DataClass | str, options: dict[str, Any]) -> None:
-    """Mark this process as running guarded work (an actor, for its whole life)."""
+def enter_parent(data_class: DataClass | str, options: dict[str, Any]) -> dict[str, Any]:
+    """Mark this process as running guarded work (an actor, for its whole life); returns
+    what was there before, for ``leave_parent``."""
+    saved = dict(_PARENT)
     _PARENT.update(data_class=DataClass(data_class).value, options=options)
+    return saved
+
+
+def leave_parent(saved: dict[str, Any]) -> None:
+    _PARENT.clear()
+    _PARENT.update(saved)
 
 
 def parent_class() -> str | None:

@@ -149,6 +149,23 @@ def connect(name: str | None = None, *, home: str | os.PathLike | None = None,
     return Cluster(topology, audit=AuditLog.for_cluster(name, home), state=state)
 
 
+def _on_this_host(address: str) -> bool:
+    """Whether ``HOST:PORT`` names this machine (loopback, or an address bound here)."""
+    import socket
+
+    from hybridray.storage.fs import is_loopback
+
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if is_loopback(f"tcp://{address}"):
+        return True
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+            sock.bind((host, 0))  # only an address of one of this host's interfaces binds
+        return True
+    except OSError:
+        return False
+
+
 def _job_driver_node() -> dict[str, str]:
     """``ray.init`` options that attach a job's entrypoint to the node it runs on.
 
@@ -178,7 +195,6 @@ def _record_driver_site(topology: Topology, address: str, connected: bool = Fals
     """
     from hybridray import labels as L
     from hybridray.placement.guard import set_driver_site
-    from hybridray.storage.fs import is_loopback
 
     site = None
     if connected and _job_driver_node():
@@ -189,7 +205,7 @@ def _record_driver_site(topology: Topology, address: str, connected: bool = Fals
             print(f"hybridray: job driver running at site {site} (node "
                   f"{ray.get_runtime_context().get_node_id()[:12]})", flush=True)
     site = site or os.environ.get("HYBRIDRAY_SITE")
-    if site is None and is_loopback(f"tcp://{address}"):
+    if site is None and _on_this_host(address):
         site = topology.head.site
     if site is not None and site not in topology.sites:
         raise ClusterNotFound(f"HYBRIDRAY_SITE={site!r} is not a site of cluster "

@@ -169,21 +169,41 @@ def _on_this_host(address: str) -> bool:
 def _job_driver_node() -> dict[str, str]:
     """``ray.init`` options that attach a job's entrypoint to the node it runs on.
 
-    A job's entrypoint runs under the job supervisor on the node Ray placed it at, and
-    inherits ``RAY_RAYLET_PID`` from there; but a plain ``ray.init`` attaches to the *head*
-    when several nodes share a host (one machine, or several sites' nodes on one VM), so the
-    driver would see the head's labels. That raylet's ``--temp_dir`` names its node exactly.
+    A job's entrypoint runs under the job supervisor on the node Ray placed it at; but a
+    plain ``ray.init`` attaches to the *head* when several nodes share a host (one machine,
+    or several sites' nodes on one VM), so the driver would see the head's labels. The
+    raylet above the entrypoint (its process ancestry: supervisor worker, then raylet) names
+    its node exactly by its ``--temp_dir``. Outside a job: nothing.
     """
-    pid = os.environ.get("RAY_RAYLET_PID")
-    if not pid or not pid.isdigit():
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:
         return {}
+    pid = os.getppid()
+    for _ in range(8):
+        args = _cmdline(pid)
+        if args and os.path.basename(args[0]) == "raylet":
+            temp = next((a.split("=", 1)[1] for a in args if a.startswith("--temp_dir=")),
+                        None)
+            return {"_temp_dir": temp} if temp else {}
+        pid = _parent(pid)
+        if pid <= 1:
+            break
+    return {}
+
+
+def _cmdline(pid: int) -> list[str]:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            args = f.read().decode(errors="replace").split("\0")
+            return f.read().decode(errors="replace").split("\0")
     except OSError:
-        return {}
-    temp = next((a.split("=", 1)[1] for a in args if a.startswith("--temp_dir=")), None)
-    return {"_temp_dir": temp} if temp else {}
+        return []
+
+
+def _parent(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _record_driver_site(topology: Topology, address: str, connected: bool = False) -> None:

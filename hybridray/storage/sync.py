@@ -268,8 +268,9 @@ class _Run:
         limit = self.topology.sites[self.dst.site].max_data_class
         if out_class > limit:
             allowed = self.topology.sites_by_class[out_class]
-            default = (" (no class declared or recorded, so the cluster's default_data_class "
-                       f"{self.topology.default_data_class.value})") if how == "default" else ""
+            default = (" (no class declared or recorded, so "
+                       f"{self.topology.default_data_class.value} by default: the cluster's "
+                       "default_data_class)") if how == "default" else ""
             after = f", still {out_class.value} after masking" if spec else ""
             fix = (f"mask it to {limit.value} or lower before it leaves (--mask SPEC with "
                    f"output_class: {limit.value}), or sync it to a site that may hold "

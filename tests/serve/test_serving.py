@@ -376,6 +376,7 @@ def _fuzz(strategy, base: str, budget: float, calls, failures):
 def test_schemathesis_finds_no_5xx_in_either_openapi_document(services):
     """Every input either OpenAPI document admits (and ones it does not) is served or gets a
     4xx in the OpenAI error shape; bounded by examples per operation and a time budget."""
+    import hypothesis
     import schemathesis
     from schemathesis import GenerationMode
 
@@ -387,7 +388,10 @@ def test_schemathesis_finds_no_5xx_in_either_openapi_document(services):
         for result in schema.get_all_operations():
             op = result.ok()
             for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-                _fuzz(op.as_strategy(mode), base, budget, calls, failures)()
+                try:
+                    _fuzz(op.as_strategy(mode), base, budget, calls, failures)()
+                except hypothesis.errors.Unsatisfiable:
+                    calls["no case"] += 1  # e.g. no invalid input exists for GET /healthz
     assert failures == [], failures[:5]
     assert calls[2] > 0 and calls[4] > 0, calls
 

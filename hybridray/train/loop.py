@@ -351,8 +351,19 @@ def run_loop(spec: dict[str, Any], session: Session) -> dict[str, Any]:
         metrics = {**common, "step": start_step, "steps": t.steps, "eval_loss": history[-1][1],
                    "eval_history": history, "tokens_seen": tokens_seen}
         session.report(metrics, None, start_step)
+    # End to end: from this attempt's first step until its last checkpoint is saved and, under
+    # Ray Train, committed (report() waits for that), every log, eval and checkpoint included.
+    seconds = time.perf_counter() - loop_start
+    summary = {"attempt_steps": t.steps - start_step, "attempt_seconds": seconds,
+               "end_to_end_tokens_per_s": (t.steps - start_step) * tokens_per_step / seconds
+               if seconds > 0 else None}
+    if rank == 0 and board is not None:
+        import ray
+
+        with contextlib.suppress(Exception):   # the record is the driver's; never fail on it
+            ray.get(board.finish.remote(summary), timeout=30)
     session.finished(raw)
-    return metrics
+    return {**metrics, **summary}
 
 
 def _save(tmp: str, raw: torch.nn.Module, optimizer: Any, scaler: Any, wan: Any,

@@ -239,11 +239,13 @@ class ProcessTree:
     CPU comes from ``group`` (a ``CpuGroup`` holding the side's processes) when given, else
     from /proc: utime + stime of each process as last seen by the sampler (a process that
     exits between two samples loses at most ``interval`` of CPU). ``own`` adds this
-    process's own CPU (a driver) and memory. Memory is sampled every ``interval`` seconds.
+    process's own CPU (a driver) and memory. Memory is sampled every ``interval`` seconds:
+    reading PSS walks page tables, so sampling often would itself cost the side CPU (a
+    quarter-second interval was measured at about a quarter of a core with Ray's processes).
     """
 
     def __init__(self, roots: Callable[[], Iterable[int]], *, group: CpuGroup | None = None,
-                 own: bool = False, interval: float = 0.25):
+                 own: bool = False, interval: float = 2.0):
         self.roots, self.group, self.own, self.interval = roots, group, own, interval
         self.peak_bytes = 0
         self.cpu_s = 0.0

@@ -600,6 +600,7 @@ def _noop_serve(port: int, env: dict[str, str], replicas: int = 1) -> subprocess
 
 
 def section_overhead(results: dict) -> None:
+    section = Section(__file__, ["--only", "overhead"])
     port = free_port()
     plain = plain_server(PLAIN_NOOP, port)
     try:
@@ -636,8 +637,10 @@ def section_overhead(results: dict) -> None:
             except subprocess.TimeoutExpired:
                 proc.kill()
     results["overhead"] = rows
-    print(f"\n### Serve overhead on a no-op route vs plain uvicorn\n\n`{COMMAND} --only "
-          "overhead`, GET /noop, 32 keep-alive connections from 2 client processes\n")
+    print("\n### Serve overhead on a no-op route vs plain uvicorn\n")
+    print(section.header("GET /noop on plain Ray Serve (not through hybridray's ingress), 32 "
+                         "keep-alive connections from 2 client processes, each server once, "
+                         "in turn"))
     print("| server | req/s | p50 (ms) | p99 (ms) | errors | vs plain |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, r in rows:
@@ -646,6 +649,7 @@ def section_overhead(results: dict) -> None:
 
 
 def section_quant(results: dict) -> None:
+    section = Section(__file__, ["--only", "quant"])
     import numpy as np
     import torch
 
@@ -671,7 +675,9 @@ def section_quant(results: dict) -> None:
         rows.append((name, b32, one))
     a, b = fp32.encode(texts()), int8.encode(texts())
     cos = (a * b).sum(1)
-    print(f"\n### int8 vs fp32 (CPU, 2 threads)\n\n`{COMMAND} --only quant`\n")
+    print("\n### int8 vs fp32 (CPU, 2 threads)\n")
+    print(section.header("in-process, 2 torch threads; batch of 32 averaged over 5 runs, one "
+                         "text averaged over 32"))
     print("| embeddings (MiniLM-L6) | batch of 32 (ms) | one text (ms) | min cosine vs fp32 | "
           "mean cosine |")
     print("|---|---:|---:|---:|---:|")
@@ -707,6 +713,7 @@ def section_quant(results: dict) -> None:
 
 
 def section_autoscale(home: str, results: dict) -> None:
+    section = Section(__file__, ["--only", "autoscale"])
     import hybridray
     from hybridray.cluster import down, ray_env
     from hybridray.serve.service import deploy
@@ -746,9 +753,9 @@ def section_autoscale(home: str, results: dict) -> None:
         _disconnect()
         down(state.name, home=home)
     results["autoscale"] = {"decided_s": decided, "running_s": running}
-    print(f"\n### Autoscaling: load step to the first new replica serving\n\n`{COMMAND} "
-          "--only autoscale`, 16 clients x 16 texts, target_ongoing_requests 2, "
-          "upscale_delay_s 1\n")
+    print("\n### Autoscaling: load step to the first new replica serving\n")
+    print(section.header("16 clients x 16 texts, target_ongoing_requests 2, upscale_delay_s "
+                         "1, one run"))
     print("| step -> replica added (STARTING) | step -> new replica RUNNING (serving) |")
     print("|---:|---:|")
     print(f"| {_seconds(decided)} | {_seconds(running)} |")

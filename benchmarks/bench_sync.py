@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,6 +30,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import Section, median, paired, repeats_table, verdict  # noqa: E402
 
 DATA = Path(tempfile.gettempdir()) / "hybridray-bench-sync"
 
@@ -50,39 +51,73 @@ print(json.dumps({"seconds": seconds,
 
 SYNC = """
 import json, os, resource, subprocess, sys, time
+sys.path.insert(0, os.path.join(os.environ["PYTHONPATH"], "benchmarks"))
+from common import CpuGroup, ProcessTree, tree
 from hybridray.cluster import load_state, ray_env
 state = load_state(os.environ["HYBRIDRAY_CLUSTER"])
 os.environ.update(ray_env(state))
+import pyarrow.fs as pafs
 import hybridray
 from hybridray.storage import dataset_store, parse_address, sync_dataset
+from hybridray.storage.fs import s3_filesystem
 src_dir, endpoint, bucket, rounds, copy_code = sys.argv[1:6]
 cluster = hybridray.connect(state.name)
 topo = cluster.topology
+s3 = s3_filesystem(endpoint)
 
 def wipe(address):
     store = dataset_store(topo, parse_address(address, topo))
     store.delete(list(store.list()))
 
+def gone(path):
+    return s3.get_file_info(path).type == pafs.FileType.NotFound
+
 sync_dataset("onprem:warmup", "cloud-a:warmup", cluster=cluster, data_class="internal")
+nodes = [n.pid for n in state.nodes]
+groups = {"plain": CpuGroup.create("plain"), "sync": CpuGroup.create("sync")}
 out = {"plain": [], "full": [], "unchanged": [], "phases": []}
-for r in range(int(rounds)):
-    # the plain copy runs in its own process (its memory is not the driver's), in between
-    proc = subprocess.run([sys.executable, "-c", copy_code, src_dir, endpoint,
-                           f"{bucket}/plain-{r}"], capture_output=True, text=True, check=True)
-    out["plain"].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    wipe(f"cloud-a:plain-{r}")
-    started = time.perf_counter()
-    full = sync_dataset("onprem:data", f"cloud-a:bench-{r}", cluster=cluster,
-                        data_class="internal")
-    out["full"].append({"seconds": time.perf_counter() - started, "parts": full.parts_written,
-                        "bytes_moved": full.bytes_moved})
-    out["phases"].append(full.phases)
-    started = time.perf_counter()
-    same = sync_dataset("onprem:data", f"cloud-a:bench-{r}", cluster=cluster,
-                        data_class="internal")
-    out["unchanged"].append({"seconds": time.perf_counter() - started, "outcome": same.outcome,
-                             "bytes_moved": same.bytes_moved})
-    wipe(f"cloud-a:bench-{r}")
+try:
+    for r in range(int(rounds)):
+        # the plain copy: a process of its own, all of its CPU and memory counted
+        g = groups["plain"]
+        procs = []
+        side = ProcessTree(lambda: [p.pid for p in procs if p.poll() is None], group=g).start()
+        proc = subprocess.Popen([sys.executable, "-c", copy_code, src_dir, endpoint,
+                                 f"{bucket}/plain-{r}"], stdout=subprocess.PIPE, text=True,
+                                preexec_fn=g.enter if g else None)
+        procs.append(proc)
+        stdout, _ = proc.communicate()
+        side.stop()
+        assert proc.returncode == 0, stdout
+        rec = json.loads(stdout.strip().splitlines()[-1])
+        rec.update(cpu_s=side.cpu_s, peak_bytes=side.peak_bytes)
+        out["plain"].append(rec)
+        s3.delete_dir(f"{bucket}/plain-{r}")          # where the plain copy went
+        assert gone(f"{bucket}/plain-{r}"), "the plain copy was not removed"
+        # the sync: this driver and every process of the cluster (the bytes flow there)
+        g = groups["sync"]
+        if g:
+            g.adopt(tree(nodes))
+        side = ProcessTree(lambda: nodes, group=g, own=True).start()
+        started = time.perf_counter()
+        full = sync_dataset("onprem:data", f"cloud-a:bench-{r}", cluster=cluster,
+                            data_class="internal")
+        seconds = time.perf_counter() - started
+        side.stop()
+        out["full"].append({"seconds": seconds, "parts": full.parts_written,
+                            "bytes_moved": full.bytes_moved, "cpu_s": side.cpu_s,
+                            "peak_bytes": side.peak_bytes})
+        out["phases"].append(full.phases)
+        started = time.perf_counter()
+        same = sync_dataset("onprem:data", f"cloud-a:bench-{r}", cluster=cluster,
+                            data_class="internal")
+        out["unchanged"].append({"seconds": time.perf_counter() - started,
+                                 "outcome": same.outcome, "bytes_moved": same.bytes_moved})
+        wipe(f"cloud-a:bench-{r}")
+finally:
+    for g in groups.values():
+        if g:
+            g.remove()
 out["rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(json.dumps(out))
 """
@@ -127,7 +162,7 @@ def run_child(code: str, *args: str, env: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def main() -> int:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gib", type=float, default=1.0)
     parser.add_argument("--files", type=int, default=16)
@@ -135,7 +170,12 @@ def main() -> int:
                         help="interleaved rounds of plain copy, full sync, unchanged sync")
     parser.add_argument("--object-store-mb", type=int, default=100,
                         help="object store of the onprem and cloud-a nodes (local.yaml: 100)")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    section = Section(__file__, argv)
 
     from hybridray.cluster import down, ray_env, up
     from hybridray.topology import load_topology
@@ -167,34 +207,35 @@ def main() -> int:
     plain = [p["seconds"] for p in res["plain"]]
     full = [f["seconds"] for f in res["full"]]
     same = [u["seconds"] for u in res["unchanged"]]
-    plain_s, full_s, same_s = (statistics.median(x) for x in (plain, full, same))
-    ratio = plain_s / full_s
-    share = same_s / full_s
+    ratio = median(paired(plain, full))            # throughput ratio = time plain / sync
+    share = median(paired(same, full))
+    rows = [("plain `pyarrow.fs.copy_files`: seconds", plain, "{:.1f}"),
+            ("hybridray sync, full: seconds", full, "{:.1f}"),
+            ("**throughput sync / plain** (paired)", paired(plain, full), "{:.2f}"),
+            ("hybridray sync, nothing changed: seconds", same, "{:.2f}"),
+            ("**nothing changed / full** (paired)", paired(same, full), "{:.3f}"),
+            ("plain: CPU s, its process", [p["cpu_s"] for p in res["plain"]], "{:.1f}"),
+            ("sync: CPU s, driver + every cluster process",
+             [f["cpu_s"] for f in res["full"]], "{:.1f}"),
+            ("plain: peak memory, its process (PSS MiB)",
+             [p["peak_bytes"] / 2**20 for p in res["plain"]], "{:.0f}"),
+            ("sync: peak memory, driver + every cluster process (PSS MiB)",
+             [f["peak_bytes"] / 2**20 for f in res["full"]], "{:.0f}")]
+    print(section.header(
+        f"{args.files} Parquet files, {nbytes / 2**30:.2f} GiB ({mb:,.0f} MB), local fs -> S3 "
+        f"server (moto) on 127.0.0.1, object store {args.object_store_mb} MB per node, "
+        f"{args.rounds} interleaved rounds (plain copy, full sync, unchanged sync); the full "
+        f"sync moves {res['full'][0]['parts']} parts, each read back and verified, then "
+        "commits"))
+    print(repeats_table(rows, "measure (per round)"))
     rss = res["rss"] / 2**20
-    secs = lambda xs: ", ".join(f"{x:.1f}" for x in xs)  # noqa: E731
-    command = "python benchmarks/bench_sync.py" + "".join(
-        f" --{k.replace('_', '-')} {v:g}" for k, v in vars(args).items()
-        if v != parser.get_default(k))
-    print(f"\n`{command}` — {args.files} Parquet files, {nbytes / 2**30:.2f} GiB, local fs -> "
-          f"S3 server (moto) on 127.0.0.1, {os.cpu_count()} CPUs, object store "
-          f"{args.object_store_mb} MB per node; median of {args.rounds} interleaved rounds\n")
-    print("| measurement | seconds (median) | MB/s | each round (s) | vs target |")
-    print("|---|---:|---:|---|---|")
-    print(f"| plain `pyarrow.fs.copy_files` | {plain_s:.1f} | {mb / plain_s:.1f} | "
-          f"{secs(plain)} | |")
-    print(f"| hybridray sync, full ({res['full'][0]['parts']} parts, read back + verified, "
-          f"committed) | {full_s:.1f} | {mb / full_s:.1f} | {secs(full)} | {ratio:.2f}x plain "
-          f"(target >= 0.8x) {'PASS' if ratio >= 0.8 else 'FAIL'} |")
-    print(f"| hybridray sync, nothing changed ({res['unchanged'][0]['outcome']}, "
-          f"{res['unchanged'][0]['bytes_moved']} B moved) | {same_s:.2f} | - | {secs(same)} | "
-          f"{100 * share:.1f}% of full (target < 5%) {'PASS' if share < 0.05 else 'FAIL'} |")
-    print(f"| sync driver peak RSS (all rounds) | - | - | - | {rss:.0f} MiB (target < 1024 MiB) "
-          f"{'PASS' if rss < 1024 else 'FAIL'}; plain copy process: "
-          f"{max(p['rss'] for p in res['plain']) / 2**20:.0f} MiB |")
+    print(f"\nsync throughput {ratio:.2f}x plain (target >= 0.8x): {verdict(ratio, 0.8)}; "
+          f"unchanged re-sync {100 * share:.1f}% of a full one (target < 5%): "
+          f"{verdict(share, 0.05, at_least=False)}; sync driver peak RSS {rss:.0f} MiB "
+          f"(target < 1024 MiB): {verdict(rss, 1024, at_least=False)}")
     phases = "; ".join(", ".join(f"{k} {v:.1f}s" for k, v in ph.items() if v >= 0.05)
                        for ph in res["phases"])
     print(f"\nfull sync phases per round: {phases}")
-    print(f"exact command: {shlex.join([sys.executable.rsplit('/', 1)[-1], *sys.argv])}")
     return 0
 
 

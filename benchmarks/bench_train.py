@@ -1,19 +1,31 @@
-"""hybridray train (2 Ray Train workers) against plain PyTorch DDP (2 processes), same run.
+"""hybridray train (2 Ray Train workers) against plain PyTorch DDP (2 processes), interleaved.
 
-    python benchmarks/bench_train.py                       # target: ratio >= 0.95
-    python benchmarks/bench_train.py --steps 300 --repeats 3 --cluster local
+    python benchmarks/bench_train.py                  # 5 repeats of each; target: >= 0.95x
+    python benchmarks/bench_train.py --repeats 7 --steps 400 --cluster local
 
 Both sides run the same worker loop (``hybridray.train.loop.run_loop``) on the same model,
-data (the prepared stdlib corpus, read from the on-prem site's storage), seed, batch and
-steps, with Gloo, fp32, one thread per worker. The hybridray side is ``hybridray.train.train``:
-placement, residency check, Ray Train's worker group, metrics reporting, a checkpoint at the
-end. The plain side is ``torch.multiprocessing`` + ``init_process_group("gloo")``, in a
+data (the prepared stdlib corpus, read from the on-prem site's storage), seed, batch, steps
+and checkpoints, with Gloo, fp32, one thread per worker. The hybridray side is
+``hybridray.train.train``: placement, residency check, Ray Train's worker group, progress to
+the driver, every checkpoint uploaded to the site's storage and committed by Ray Train. The
+plain side is what a user would run instead: ``torch.multiprocessing`` +
+``init_process_group("gloo")``, the same loop saving the same checkpoints to local disk, in a
 session of its own like each node of the Ray cluster (Linux shares CPU between sessions
-first, which matters on a busy machine). Start-up (cluster, worker processes, process group)
-is excluded from both; what is compared is training throughput, in tokens/s:
+first, which matters on a busy machine). Repeats alternate which side goes first.
+
+Measured per side and repeat (tokens/s):
 
 * steady: the mean of the log windows after the first (step time only);
-* end to end: every step since the first, with logging, evaluation and the checkpoint.
+* end to end: from the first step until the last checkpoint is saved (and, for hybridray,
+  uploaded and committed), every log window, evaluation and checkpoint included;
+* whole call: from the call (``train()`` / launching the processes) to its return, start-up
+  of the worker processes included (the Ray cluster is up before: ``bench_up_down.py``);
+* tokens per CPU-second of every process of the side over the whole call: for hybridray the
+  driver and every process of the cluster (GCS, raylet, agents, Train controller, workers,
+  progress actor); for plain the launcher, its two workers and its manager process;
+* peak memory: the sum of PSS over the same processes.
+
+Ratios are the median of the per-repeat (paired) ratios hybridray / plain.
 
 Without ``--cluster`` a cluster of its own (``bench-train``: one on-prem node of 2 CPUs) is
 started in a temporary HYBRIDRAY_HOME and stopped at the end. Prints a Markdown table.
@@ -23,9 +35,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
+import signal
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,27 +46,77 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import (  # noqa: E402
+    CpuGroup,
+    ProcessTree,
+    Section,
+    median,
+    paired,
+    repeats_table,
+    tree,
+    verdict,
+)
+
+TARGET = 0.95
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cluster", help="use this running cluster (default: start one)")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--micro-batch", type=int, default=16)
+    p.add_argument("--size", default="tiny")
+    p.add_argument("--block", type=int, default=64)
+    p.add_argument("--log-interval", type=int, default=25)
+    p.add_argument("--checkpoint-interval", type=int, default=100,
+                   help="steps between checkpoints (both sides save each; default 100)")
+    p.add_argument("--max-files", type=int, default=200)
+    p.add_argument("--repeats", type=int, default=5, help="interleaved repeats of each side")
+    p.add_argument("--plain-run", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
+    return p
 
 
 def config_overrides(args) -> list[str]:
-    return [f"name=bench-{int(time.time())}", "train.workers=2", "train.cpus_per_worker=1",
-            f"train.steps={args.steps}", f"train.micro_batch={args.micro_batch}",
-            f"model.size={args.size}", f"model.block_size={args.block}",
-            f"train.log_interval={args.log_interval}", f"train.eval_interval={args.steps}",
-            f"train.checkpoint_interval={args.steps}", "train.eval_batches=2",
+    return [f"name=bench-{int(time.time() * 1000)}", "train.workers=2",
+            "train.cpus_per_worker=1", f"train.steps={args.steps}",
+            f"train.micro_batch={args.micro_batch}", f"model.size={args.size}",
+            f"model.block_size={args.block}", f"train.log_interval={args.log_interval}",
+            f"train.eval_interval={args.steps}",
+            f"train.checkpoint_interval={args.checkpoint_interval}", "train.eval_batches=2",
             "train.max_failures=0", "train.resume=never", "train.precision=fp32",
             "wan.mode=fp32", f"data.max_files={args.max_files}",
             "data.output=onprem:datasets/bench-train", "metrics.progress=false"]
 
 
-def run_hybridray(cluster, args) -> dict:
+def _steady(logs: list[dict]) -> tuple[float, float]:
+    logs = [m for m in logs if m.get("tokens_per_s")]
+    steady = logs[1:] or logs          # the first window holds the warm-up
+    return (statistics.mean(m["tokens_per_s"] for m in steady),
+            statistics.mean(m["tokens_per_cpu_s"] for m in steady))
+
+
+GROUPS: dict[str, CpuGroup | None] = {}
+
+
+def run_hybridray(cluster, state, args) -> dict:
     from hybridray.train.trainer import train
 
+    group = GROUPS.get("hybridray")
+    if group:    # every process of the cluster; the workers it starts inherit the group
+        group.adopt(tree(n.pid for n in state.nodes))
+    side = ProcessTree(lambda: [n.pid for n in state.nodes], group=group, own=True).start()
+    started = time.perf_counter()
     r = train({}, cluster, overrides=config_overrides(args), progress=False)
-    steady = r.history[1:] or r.history
-    return {"steady": r.tokens_per_s, "e2e": r.history[-1]["loop_tokens_per_s"],
-            "cpu": statistics.mean(m["tokens_per_cpu_s"] for m in steady),
-            "loss": r.metrics["loss"], "sites": r.worker_sites}
+    wall = time.perf_counter() - started
+    side.stop()
+    steady, worker_cpu = _steady(r.history)
+    tokens = r.steps * args.micro_batch * 2 * args.block
+    return {"steady": steady, "e2e": r.end_to_end_tokens_per_s, "wall": tokens / wall,
+            "cpu": tokens / side.cpu_s, "worker_cpu": worker_cpu,
+            "mem": side.peak_bytes / 2**20, "loss": r.metrics["loss"],
+            "sites": r.worker_sites}
 
 
 def _plain_worker(rank: int, port: int, spec: dict, out) -> None:
@@ -71,18 +134,14 @@ def _plain_worker(rank: int, port: int, spec: dict, out) -> None:
                 out.append(dict(metrics))
 
     try:
-        run_loop(spec, Record(rank, 2, rank, torch.device("cpu"), site="onprem"))
+        summary = run_loop(spec, Record(rank, 2, rank, torch.device("cpu"), site="onprem"))
+        if rank == 0:
+            out.append({"summary": summary.get("end_to_end_tokens_per_s")})
     finally:
         dist.destroy_process_group()
 
 
-def run_plain(cluster, args) -> dict:
-    """Plain DDP in a session of its own, as each node of a local Ray cluster is (the kernel
-    shares CPU between sessions first: the driver's session must not be what is measured)."""
-    import json
-    import pickle
-    import subprocess
-
+def plain_spec(cluster, args) -> dict:
     from hybridray.train.config import config_from_dict
     from hybridray.train.corpus import load_tokens, read_manifest
     from hybridray.train.model import GPTConfig
@@ -90,22 +149,42 @@ def run_plain(cluster, args) -> dict:
     config = config_from_dict({}, overrides=config_overrides(args))
     manifest = read_manifest(config.data.output, cluster.topology)
     tokens, _ = load_tokens(manifest.data, str(manifest.address), cluster.topology)
-    spec = {"config": config.model_dump(mode="json"), "data_class": "restricted",
+    return {"config": config.model_dump(mode="json"), "data_class": "restricted",
             "model_config": GPTConfig.named(config.model.size,
                                             **config.model.overrides()).model_dump(),
             "tokens": tokens}
+
+
+def run_plain(spec: dict, args) -> dict:
+    """Plain DDP in a session of its own, as each node of a local Ray cluster is (the kernel
+    shares CPU between sessions first: the driver's session must not be what is measured)."""
+    import json
+    import pickle
+
     with tempfile.TemporaryDirectory(prefix="hr-bench-plain-") as tmp:
         spec_path, out_path = Path(tmp) / "spec.pkl", Path(tmp) / "out.json"
         spec_path.write_bytes(pickle.dumps(spec))
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-        subprocess.run([sys.executable, __file__, "--plain-run", str(spec_path), str(out_path)],
-                       check=True, start_new_session=True, env=env)
-        logs = [m for m in json.loads(out_path.read_text()) if m.get("tokens_per_s")]
-    steady = logs[1:] or logs
-    return {"steady": statistics.mean(m["tokens_per_s"] for m in steady),
-            "e2e": logs[-1]["loop_tokens_per_s"],
-            "cpu": statistics.mean(m["tokens_per_cpu_s"] for m in steady),
-            "loss": logs[-1]["loss"]}
+        group = GROUPS.get("plain")
+        procs: list[subprocess.Popen] = []
+        side = ProcessTree(lambda: [p.pid for p in procs if p.poll() is None],
+                           group=group).start()
+        started = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, __file__, "--plain-run", str(spec_path),
+                                 str(out_path)], start_new_session=True, env=env,
+                                preexec_fn=group.enter if group else None)
+        procs.append(proc)
+        if proc.wait() != 0:
+            raise RuntimeError(f"the plain run failed (exit {proc.returncode})")
+        wall = time.perf_counter() - started
+        side.stop()
+        records = json.loads(out_path.read_text())
+    logs = [m for m in records if m.get("tokens_per_s")]
+    steady, worker_cpu = _steady(logs)
+    tokens = logs[-1]["step"] * args.micro_batch * 2 * args.block
+    return {"steady": steady, "e2e": records[-1]["summary"], "wall": tokens / wall,
+            "cpu": tokens / side.cpu_s, "worker_cpu": worker_cpu,
+            "mem": side.peak_bytes / 2**20, "loss": logs[-1]["loss"]}
 
 
 def plain_run(spec_path: str, out_path: str) -> int:
@@ -129,27 +208,54 @@ def plain_run(spec_path: str, out_path: str) -> int:
     return 0
 
 
+ROWS = (("steady", "steady tokens/s", "{:,.0f}"),
+        ("e2e", "end to end tokens/s (first step to last checkpoint committed)", "{:,.0f}"),
+        ("wall", "whole call tokens/s (worker start-up included)", "{:,.0f}"),
+        ("cpu", "tokens per CPU-s, every process of the side", "{:,.0f}"),
+        ("worker_cpu", "tokens per CPU-s, training workers only", "{:,.0f}"),
+        ("mem", "peak memory, every process of the side (PSS, MiB)", "{:,.0f}"),
+        ("loss", "final training loss", "{:.4f}"))
+
+
+def report(section: Section, runs: dict[str, list[dict]], args) -> str:
+    rows = []
+    for key, label, fmt in ROWS:
+        rows.append((f"{label}: plain", [r[key] for r in runs["plain"]], fmt))
+        rows.append((f"{label}: hybridray", [r[key] for r in runs["hybridray"]], fmt))
+        if key != "loss":
+            rows.append((f"**{label}: ratio** (paired)",
+                         paired([r[key] for r in runs["hybridray"]],
+                                [r[key] for r in runs["plain"]]), "{:.3f}"))
+    what = (f"hybridray train (Ray Train, 2 workers of 1 CPU, placed; sites "
+            f"{', '.join(runs['hybridray'][0]['sites'])}) vs plain PyTorch DDP "
+            f"(torch.multiprocessing), {args.size} GPT (block {args.block}), 2 workers x "
+            f"micro-batch {args.micro_batch}, {args.steps} steps, a checkpoint every "
+            f"{args.checkpoint_interval}, fp32, Gloo, {args.repeats} interleaved repeats")
+    how = ("CPU from a cpuacct cgroup per side (exact, exited processes included)"
+           if GROUPS.get("plain") else "CPU from /proc, sampled every 2 s (no cgroup here)")
+    out = [section.header(f"{what}; {how}"), repeats_table(rows, "measure (per repeat)"), ""]
+    for key, label in (("steady", "steady"), ("e2e", "end to end with checkpoints")):
+        ratio = median(paired([r[key] for r in runs["hybridray"]],
+                              [r[key] for r in runs["plain"]]))
+        out.append(f"{label}: median paired ratio {ratio:.3f} (target >= {TARGET}): "
+                   f"{verdict(ratio, TARGET)}")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cluster", help="use this running cluster (default: start one)")
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--micro-batch", type=int, default=16)
-    parser.add_argument("--size", default="tiny")
-    parser.add_argument("--block", type=int, default=64)
-    parser.add_argument("--log-interval", type=int, default=25)
-    parser.add_argument("--max-files", type=int, default=200)
-    parser.add_argument("--repeats", type=int, default=1, help="alternate runs; report medians")
-    parser.add_argument("--plain-run", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     if args.plain_run:
         return plain_run(*args.plain_run)
     # hybridray clusters use Ray token auth, and Ray reads the mode once, when it is imported.
     os.environ.setdefault("RAY_AUTH_MODE", "token")
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
     from hybridray import cluster as lifecycle
     from hybridray.api import connect
     from hybridray.topology import load_topology
 
+    section = Section(__file__, argv)
+    GROUPS.update(hybridray=CpuGroup.create("hybridray"), plain=CpuGroup.create("plain"))
     state = home = None
     if args.cluster is None:
         home = tempfile.mkdtemp(prefix="hr-bench-train-")
@@ -160,46 +266,32 @@ def main(argv: list[str] | None = None) -> int:
                              source_file=ROOT / "clusters/local.yaml", overrides=overrides,
                              home=home, dashboard=False, timeout=180)
         os.environ.update(lifecycle.ray_env(state))
+    else:
+        state = lifecycle.load_state(args.cluster)
     try:
-        cluster = connect(args.cluster or "bench-train")
+        cluster = connect(state.name)
         runs: dict[str, list[dict]] = {"hybridray": [], "plain": []}
-        for _ in range(args.repeats):
-            runs["hybridray"].append(run_hybridray(cluster, args))
-            runs["plain"].append(run_plain(cluster, args))
+        run_hybridray(cluster, state, args)    # warm-up, not counted: prepares the corpus
+        spec = plain_spec(cluster, args)
+        for i in range(args.repeats):
+            order = ("plain", "hybridray") if i % 2 == 0 else ("hybridray", "plain")
+            for side in order:
+                r = run_plain(spec, args) if side == "plain" else \
+                    run_hybridray(cluster, state, args)
+                runs[side].append(r)
+                print(f"repeat {i + 1}/{args.repeats} {side:<9} steady {r['steady']:,.0f} "
+                      f"e2e {r['e2e']:,.0f} wall {r['wall']:,.0f} tokens/s, "
+                      f"{r['cpu']:,.0f} tokens/CPU-s", file=sys.stderr, flush=True)
     finally:
-        if state is not None:
+        if home is not None:
             import ray
 
             ray.shutdown()
             lifecycle.down(state.name, home=home)
-
-    def med(side: str, key: str) -> float:
-        return statistics.median(r[key] for r in runs[side])
-
-    cmd = "python benchmarks/bench_train.py " + " ".join(argv if argv is not None
-                                                         else sys.argv[1:])
-    print(f"\n`{cmd.strip()}` — {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs, {args.size} GPT (block {args.block}), 2 workers x "
-          f"micro-batch {args.micro_batch}, {args.steps} steps, fp32, Gloo, median of "
-          f"{args.repeats}\n")
-    print("| run | steady tokens/s | end-to-end tokens/s | tokens per worker CPU-s | "
-          "final loss |")
-    print("|---|---:|---:|---:|---:|")
-    for side, label in (("plain", "plain PyTorch DDP (torch.multiprocessing)"),
-                        ("hybridray", "hybridray train (Ray Train, 2 workers, placed)")):
-        print(f"| {label} | {med(side, 'steady'):,.0f} | {med(side, 'e2e'):,.0f} | "
-              f"{med(side, 'cpu'):,.0f} | {med(side, 'loss'):.4f} |")
-    steady = med("hybridray", "steady") / med("plain", "steady")
-    e2e = med("hybridray", "e2e") / med("plain", "e2e")
-    cpu = med("hybridray", "cpu") / med("plain", "cpu")
-    print(f"| **ratio** (target >= 0.95) | **{steady:.3f}** | **{e2e:.3f}** | **{cpu:.3f}** "
-          "| |")
-    if args.repeats > 1:
-        pairs = list(zip(runs["hybridray"], runs["plain"], strict=True))
-        for key, what in (("steady", "steady tokens/s"), ("cpu", "tokens per CPU-s")):
-            each = ", ".join(f"{h[key] / p[key]:.2f}" for h, p in pairs)
-            print(f"\nratio of each repeat, {what}: {each}")
-    print(f"\nworker sites (hybridray): {runs['hybridray'][0]['sites']}")
+        for group in GROUPS.values():
+            if group:
+                group.remove()
+    print(report(section, runs, args))
     return 0
 
 

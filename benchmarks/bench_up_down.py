@@ -6,11 +6,14 @@
 ``up`` is timed until every node is registered alive in the GCS (``hybridray.cluster.up``
 returns only then), ``down`` until every recorded process is gone. The plain alternative is
 what one would type by hand: ``ray start --head`` then three ``ray start --address``, one after
-another (each returns once its node has registered), and a ``ray stop`` equivalent that
-signals only those processes (by process group; ``ray stop`` itself would stop every Ray
-process on the machine). The plain nodes get free ports too, or they would collide with any
-other cluster on the machine, but no labels, no token and no per-node isolation. Runs alternate
-between the two so that both see the same machine load. Prints a Markdown table.
+another (each returns once its node has registered), and ``ray stop`` with its default grace
+period (16 s) done exactly as ``ray stop`` does it, restricted to those processes (``ray
+stop`` itself would stop every Ray process on the machine): three buckets in order (raylets;
+every other process; the GCS), each sent SIGTERM, waited for up to a third of the grace
+period (``psutil.wait_procs``, which returns as soon as all are gone), then SIGKILL. The
+plain nodes get free ports too, or they would collide with any other cluster on the machine,
+but no labels, no token and no per-node isolation. Runs alternate between the two so that
+both see the same machine load. Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -18,10 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,6 +31,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import Section, paired, repeats_table, tree  # noqa: E402
 
 from hybridray.cluster import down, up  # noqa: E402
 from hybridray.cluster.ports import free_ports  # noqa: E402
@@ -80,27 +84,61 @@ def bench_plain(tmp: Path) -> tuple[float, float]:
         t_up = time.perf_counter() - t0
     finally:
         t0 = time.perf_counter()
-        for pgid, _ in groups:
-            try:
-                os.killpg(pgid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + 15
-        while any(group_members(p, s) for p, s in groups) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        for pgid, start in groups:
-            if group_members(pgid, start):
-                os.killpg(pgid, signal.SIGKILL)
+        ray_stop(groups)
         t_down = time.perf_counter() - t0
         shutil.rmtree(temp_dir, ignore_errors=True)
     return t_up, t_down
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("-n", type=int, default=3, help="repetitions of each (default 3)")
-    parser.add_argument("--json", action="store_true", help="also print raw timings as JSON")
-    args = parser.parse_args()
+RAY_STOP_GRACE_S = 16   # ray stop --grace-period default (Ray 2.60)
+
+
+def ray_stop(groups: list[tuple[int, int]], grace: float = RAY_STOP_GRACE_S) -> None:
+    """What ``ray stop`` does, for the processes of ``groups`` (process group id, start time
+    of its leader: ``ray start`` exits once its daemons run, and they stay in its group)."""
+    import psutil
+
+    procs = []
+    members = [pid for pgid, start in groups for pid in group_members(pgid, start)]
+    for pid in tree(members):
+        try:
+            procs.append(psutil.Process(pid))
+        except psutil.Error:
+            pass
+
+    def bucket(p) -> int:
+        try:
+            name = " ".join(p.cmdline())
+        except psutil.Error:
+            return 1
+        return 0 if "raylet" in name.split(" ")[0] else 2 if "gcs_server" in name else 1
+
+    for which in (0, 1, 2):
+        todo = [p for p in procs if bucket(p) == which]
+        for p in todo:
+            try:
+                p.terminate()
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(todo, timeout=grace / 3)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(alive, timeout=2)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("-n", type=int, default=3, help="repetitions of each (default 3)")
+    p.add_argument("--json", action="store_true", help="also print raw timings as JSON")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    section = Section(__file__, argv)
     # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so no cluster is left behind
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     runs: dict[str, list[tuple[float, float]]] = {"hybridray": [], "plain": []}
@@ -122,28 +160,21 @@ def main() -> None:
                 print(f"run {i + 1}/{args.n} {name:<9} up {t_up:6.2f}s  down {t_down:5.2f}s",
                       file=sys.stderr, flush=True)
 
-    def stats(name: str, which: int) -> tuple[float, float]:
-        values = [r[which] for r in runs[name]] or [float("nan")]
-        return statistics.median(values), min(values)
-
-    import ray
-
-    load = os.getloadavg()
-    print(f"\n`python benchmarks/bench_up_down.py -n {args.n}` on {os.cpu_count()} cores, "
-          f"{platform.system()}, Python {platform.python_version()}, Ray {ray.__version__}, "
-          f"load average at end {load[0]:.2f}/{load[1]:.2f}; clusters/local.yaml = head + 3 "
-          "nodes (3 sites). Times in seconds.\n")
-    print("| step | hybridray (median / min) | plain `ray start` (median / min) "
-          "| ratio of medians |")
-    print("|---|---|---|---|")
-    print(f"| runs that came up | {len(runs['hybridray'])} of {args.n} "
-          f"| {len(runs['plain'])} of {args.n} | |")
-    for label, which in (("up: all 4 nodes registered in the GCS", 0),
-                         ("down: every node process gone", 1)):
-        h_med, h_min = stats("hybridray", which)
-        p_med, p_min = stats("plain", which)
-        print(f"| {label} | {h_med:.2f} / {h_min:.2f} | {p_med:.2f} / {p_min:.2f} "
-              f"| {h_med / p_med:.2f}x |")
+    rows = []
+    for label, which in (("up: all 4 nodes registered in the GCS (s)", 0),
+                         ("down: every node process gone (s)", 1)):
+        h = [r[which] for r in runs["hybridray"]]
+        p = [r[which] for r in runs["plain"]]
+        rows += [(f"{label}: plain", p, "{:.2f}"), (f"{label}: hybridray", h, "{:.2f}")]
+        if len(h) == len(p):
+            rows.append((f"**{label}: ratio hybridray / plain** (paired)", paired(h, p),
+                         "{:.2f}"))
+    print(section.header(
+        f"clusters/local.yaml = head + 3 nodes (3 sites), {args.n} interleaved repeats; "
+        f"runs that came up: hybridray {len(runs['hybridray'])} of {args.n}, plain "
+        f"{len(runs['plain'])} of {args.n}; plain down = ray stop's algorithm, default "
+        f"grace {RAY_STOP_GRACE_S} s"))
+    print(repeats_table(rows, "step (per repeat)"))
     for name, errors in failed.items():
         for error in errors:
             print(f"\n{name} run failed: {error}")

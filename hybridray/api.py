@@ -60,21 +60,25 @@ class Cluster:
         """``fn`` (a function, class, or something already ``@ray.remote``) with the
         placement's options applied; raises ``PlacementRefused`` if the policy refuses.
 
-        With ``guard`` (default) and a classified workload, plain functions check the node's
-        labels before running and plain classes before ``__init__`` (``check_residency``):
-        defence in depth behind the label selectors.
+        With ``guard`` (default), functions check the node's labels before running and
+        classes before ``__init__`` (``check_residency``): defence in depth behind the label
+        selectors. Something already ``@ray.remote`` is unwrapped, guarded and rebuilt with
+        its own ``@ray.remote`` options, so it is checked exactly like a plain function.
+        Inside the work, ``hybridray.child_options()`` gives children the same placement.
         """
         import ray
 
         placement = self.place(workload).raise_if_refused()
         opts = C.task_options(placement)
-        if hasattr(fn, "remote") and hasattr(fn, "options"):  # already @ray.remote
-            return fn.options(**opts)
-        target = fn
-        if guard and workload.data_classes:
-            target = _guard_class(fn, workload) if isinstance(fn, type) else \
-                guarded(workload.data_class)(fn)
-        return ray.remote(target).options(**opts)
+        base, defaults = _unwrap_remote(fn)
+        if not guard:
+            return (fn if base is not fn else ray.remote(fn)).options(**opts)
+        # The placement's class (an undeclared workload has the cluster's default by now).
+        data_class = placement.workload.data_class
+        target = _guard_class(base, data_class, opts) if isinstance(base, type) else \
+            guarded(data_class, opts)(base)
+        remote = ray.remote(**defaults)(target) if defaults else ray.remote(target)
+        return remote.options(**opts)
 
     def run(self, fn: Callable, workload: Workload, *args: Any, **kwargs: Any):
         """Place ``fn`` by ``workload`` and start it; returns the ``ObjectRef``."""
@@ -85,12 +89,30 @@ class Cluster:
         return self.remote(workload, cls).remote(*args, **kwargs)
 
 
-def _guard_class(cls: type, workload: Workload) -> type:
+def _unwrap_remote(fn: Any) -> tuple[Any, dict[str, Any]]:
+    """(the plain function or class, its ``@ray.remote(...)`` options) of ``fn``.
+
+    Something already ``@ray.remote`` is taken apart so the guard can wrap the code itself:
+    options applied to the remote object alone would place it but never check the node.
+    """
+    from ray.actor import ActorClass
+    from ray.remote_function import RemoteFunction
+
+    if isinstance(fn, RemoteFunction):
+        return fn._function, dict(fn._default_options or {})
+    if isinstance(fn, ActorClass):
+        return fn.__ray_metadata__.modified_class, dict(fn._default_options or {})
+    return fn, {}
+
+
+def _guard_class(cls: type, data_class: Any, options: dict[str, Any] | None = None) -> type:
     """A subclass of ``cls`` whose ``__init__`` first checks the node may hold the data."""
-    data_class = workload.data_class
+    from hybridray.placement.guard import enter_parent
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         check_residency(data_class)
+        if options is not None:
+            enter_parent(data_class, options)
         cls.__init__(self, *args, **kwargs)
 
     return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__,
@@ -120,7 +142,7 @@ def connect(name: str | None = None, *, home: str | os.PathLike | None = None,
         import ray
 
         if not ray.is_initialized():
-            where, env = {}, lifecycle.ray_env(state)
+            where, env = dict(_job_driver_node()), lifecycle.ray_env(state)
             if state.netns:  # a driver runs on a host of the cluster, as on a real one
                 from hybridray.cluster.nshosts import driver_host, host_tls
 
@@ -129,4 +151,91 @@ def connect(name: str | None = None, *, home: str | os.PathLike | None = None,
                 env.update(host_tls(state, host))  # workers dial it: its own certificate
             lifecycle.apply_env(env)  # Ray may have read TLS already
             ray.init(address=state.address, log_to_driver=False, **where)
-    return Cluster(state.topology(), audit=AuditLog.for_cluster(name, home), state=state)
+    topology = state.topology()
+    _record_driver_site(topology, state.address, init_ray)
+    return Cluster(topology, audit=AuditLog.for_cluster(name, home), state=state)
+
+
+def _on_this_host(address: str) -> bool:
+    """Whether ``HOST:PORT`` names this machine (loopback, or an address bound here)."""
+    import socket
+
+    from hybridray.storage.fs import is_loopback
+
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if is_loopback(f"tcp://{address}"):
+        return True
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+            sock.bind((host, 0))  # only an address of one of this host's interfaces binds
+        return True
+    except OSError:
+        return False
+
+
+def _job_driver_node() -> dict[str, str]:
+    """``ray.init`` options that attach a job's entrypoint to the node it runs on.
+
+    A job's entrypoint runs under the job supervisor on the node Ray placed it at; but a
+    plain ``ray.init`` attaches to the *head* when several nodes share a host (one machine,
+    or several sites' nodes on one VM), so the driver would see the head's labels. The
+    raylet above the entrypoint (its process ancestry: supervisor worker, then raylet) names
+    its node exactly by its ``--temp_dir``. Outside a job: nothing.
+    """
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:
+        return {}
+    pid = os.getppid()
+    for _ in range(8):
+        args = _cmdline(pid)
+        if args and os.path.basename(args[0]) == "raylet":
+            temp = next((a.split("=", 1)[1] for a in args if a.startswith("--temp_dir=")),
+                        None)
+            return {"_temp_dir": temp} if temp else {}
+        pid = _parent(pid)
+        if pid <= 1:
+            break
+    return {}
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def _parent(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _record_driver_site(topology: Topology, address: str, connected: bool = False) -> None:
+    """Tell the guard where this driver runs, and say so on stdout in a job.
+
+    A job's entrypoint (attached to its own node by ``_job_driver_node``): that node's
+    labels. Otherwise ``$HYBRIDRAY_SITE`` (the operator's word for this machine), else the
+    head's site when the cluster's address is on this machine; else unknown (reads refused).
+    """
+    from hybridray import labels as L
+    from hybridray.placement.guard import set_driver_site
+
+    site = None
+    if connected and _job_driver_node():
+        import ray
+
+        site = (ray.get_runtime_context().get_node_labels() or {}).get(L.SITE)
+        if site:  # visible in `hybridray submit` and `ray job logs`
+            print(f"hybridray: job driver running at site {site} (node "
+                  f"{ray.get_runtime_context().get_node_id()[:12]})", flush=True)
+    site = site or os.environ.get("HYBRIDRAY_SITE")
+    if site is None and _on_this_host(address):
+        site = topology.head.site
+    if site is not None and site not in topology.sites:
+        raise ClusterNotFound(f"HYBRIDRAY_SITE={site!r} is not a site of cluster "
+                              f"{topology.name!r}; set it to one of {', '.join(topology.sites)}")
+    set_driver_site(site, topology.sites[site].max_data_class if site else None,
+                    topology.name)

@@ -54,6 +54,16 @@ class AuditLog:
         event = "placement" if placement.ok else "refusal"
         return self.record(event, **placement.summary(), **extra)
 
+    def refusal(self, error: Exception, *, what: str, **fields: Any) -> dict[str, Any]:
+        """Record a refusal raised outside ``place`` (a dataset read, a checkpoint site, a
+        guard violation in a worker): the rule, message and fix of a ``PlacementRefused``."""
+        rec = {"what": what, "outcome": "refused",
+               "rule": getattr(error, "rule", type(error).__name__),
+               "message": getattr(error, "message", str(error)),
+               "fix": getattr(error, "fix", "")}
+        rec.update(fields)
+        return self.record("refusal", **rec)
+
     def transfer(self, src_site: str, dst_site: str, nbytes: int, cost: float = 0.0,
                  **extra: Any) -> dict[str, Any]:
         """Record bytes sent from one site to another and what the link charged for them."""

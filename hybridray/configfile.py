@@ -35,6 +35,11 @@ def read_config_text(path: str | os.PathLike, *, kind: str, example: str) -> str
     label = str(path)
     p = Path(path)
     if not p.exists():
+        from hybridray.shipped import shipped_path
+
+        # `hybridray up clusters/local.yaml` outside a checkout: the copy shipped in the package
+        p = shipped_path(path) or p
+    if not p.exists():
         raise ConfigError(f"{label}: no such file; pass a path like {example}")
     if p.is_dir():
         raise ConfigError(f"{label}: is a directory; pass a {kind} inside it, like {example}")

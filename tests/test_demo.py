@@ -1,16 +1,27 @@
-"""The quick demo end to end, judged by its own report.json.
+"""The quick demo end to end, judged by its own report.json, from an installed package.
 
-It runs ``hybridray demo --quick`` as a user would (a subprocess), under its own
-HYBRIDRAY_HOME and cluster name, so it never touches the session's shared cluster; ports are
-picked free by ``up``. It kills one of its own nodes on purpose.
+It runs ``hybridray demo --quick`` as a user would: hybridray ``pip install``-ed (not
+editable) into a fresh venv outside the repository, the command run from an empty directory
+(so the cluster file and configs must come with the package), under its own HYBRIDRAY_HOME
+and cluster name, so it never touches the session's shared cluster; ports are picked free by
+``up``. It kills one of its own nodes on purpose.
+
+Installing hybridray's dependencies again (torch, Ray: two minutes of a 2-core machine) would
+test pip, not hybridray: the fresh venv sees this test run's site-packages through a ``.pth``
+file (which does not run the checkout's editable-install hook), and ``pip install --no-deps``
+installs hybridray itself from a copy of the checkout's files. What it checks is what a
+wheel carries: the modules, the shipped configs and the ``hybridray`` command.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import site
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -24,25 +35,69 @@ FOREIGN_ENV = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_
                "RAY_API_SERVER_ADDRESS", "HYBRIDRAY_CLUSTER", "HYBRIDRAY_SERVE_TOKENS")
 
 
+def install_outside_checkout(where: Path) -> Path:
+    """``pip install`` hybridray (a copy of the checkout's files) into a fresh venv at
+    ``where``; returns the venv's ``bin``. Dependencies come from this run's site-packages."""
+    src = where / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".git", ".venv*", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
+        "_shipped", "benchmarks", "tests", "docs"))
+    venv = where / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    purelib = subprocess.run([venv / "bin/python", "-c", "import sysconfig; print("
+                              "sysconfig.get_paths()['purelib'])"], check=True,
+                             capture_output=True, text=True).stdout.strip()
+    Path(purelib, "_hybridray_test_deps.pth").write_text("\n".join(site.getsitepackages()))
+    proc = subprocess.run([venv / "bin/python", "-m", "pip", "install", "-q", "--no-deps",
+                           "--no-compile", str(src)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return venv / "bin"
+
+
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def installed(tmp_path_factory):
+    return install_outside_checkout(tmp_path_factory.mktemp("installed"))
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, installed):
     home = tmp_path_factory.mktemp("demo-home")
+    empty = tmp_path_factory.mktemp("empty-cwd")
     out = home / "report"
-    env = {k: v for k, v in os.environ.items() if k not in FOREIGN_ENV}
-    env.update(HYBRIDRAY_HOME=str(home), PYTHONPATH=str(ROOT), RAY_USAGE_STATS_ENABLED="0")
+    env = {k: v for k, v in os.environ.items()
+           if k not in FOREIGN_ENV and k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(HYBRIDRAY_HOME=str(home), RAY_USAGE_STATS_ENABLED="0",
+               PATH=f"{installed}{os.pathsep}{env.get('PATH', '')}")
     proc = subprocess.run(
-        [sys.executable, "-m", "hybridray", "demo", "--quick", "--name", "t-demo",
+        [str(installed / "hybridray"), "demo", "--quick", "--name", "t-demo",
          "--report-dir", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+        cwd=empty, env=env, capture_output=True, text=True, timeout=1200)
     facts_path = out / "report.json"
     assert facts_path.exists(), (f"no report (exit {proc.returncode}):\n"
                                  f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return {"proc": proc, "facts": json.loads(facts_path.read_text()), "out": out,
-            "home": home}
+            "home": home, "cwd": empty, "installed": installed}
+
+
+def test_the_installed_package_is_what_runs_and_carries_its_configs(installed):
+    code = ("import hybridray, hybridray.demo.run as d; print(hybridray.__file__); "
+            "print(d.CLUSTER_FILE); print(d.TRAIN_CONFIG)")
+    proc = subprocess.run([str(installed / "python"), "-c", code], capture_output=True,
+                          text=True, cwd=installed, env={k: v for k, v in os.environ.items()
+                                                         if k != "PYTHONPATH"})
+    assert proc.returncode == 0, proc.stderr
+    module, cluster_file, train_config = proc.stdout.split()
+    venv = str(installed.parent)
+    assert module.startswith(venv) and not module.startswith(str(ROOT))
+    assert cluster_file.startswith(venv) and cluster_file.endswith(
+        "hybridray/_shipped/clusters/local.yaml")
+    assert Path(train_config).read_text() == (ROOT / "configs/train/tiny.yaml").read_text()
 
 
 def test_the_demo_exits_cleanly_and_writes_its_report(demo):
     assert demo["proc"].returncode == 0, demo["proc"].stderr[-3000:]
+    assert list(demo["cwd"].iterdir()) == []           # it ran from an empty directory
     f = demo["facts"]
     assert f["mode"] == "quick"
     assert [s["outcome"] for s in f["steps"]] == ["ok"] * len(f["steps"])

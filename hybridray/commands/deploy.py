@@ -3,7 +3,7 @@
     hybridray certs clusters/onprem-aws.yaml --out secrets/ --head-address 10.0.0.5
     hybridray render clusters/onprem-gke.yaml --out build/onprem-gke/ --head-address 10.0.0.5
     hybridray certs clusters/onprem-aws.yaml --out secrets/ --revoke-site aws
-    hybridray submit --cluster local --site cloud-b -- python jobs/where.py
+    hybridray submit --cluster local --site cloud-b --data-class public -- python jobs/where.py
 """
 
 from __future__ import annotations
@@ -76,7 +76,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "submit", help="submit a job whose driver runs where the placement policy says",
         description="Decide where a job's entrypoint may run (site, data classes) and submit "
                     "it with Ray's entrypoint_label_selector; the decision is audited. "
-                    "Example: hybridray submit --cluster local --site cloud-b -- python x.py")
+                    "Example: hybridray submit --cluster local --site cloud-b --data-class public "
+                    "-- python x.py")
     s.add_argument("--cluster", metavar="NAME", default=os.environ.get("HYBRIDRAY_CLUSTER"),
                    help="a cluster started by hybridray up (default: $HYBRIDRAY_CLUSTER, "
                         "set by hybridray env)")
@@ -150,7 +151,8 @@ def run_submit(args: argparse.Namespace) -> int:
         entry = entry[1:]
     if not entry or entry[0].startswith("-"):
         raise ConfigError("give the options first and the entrypoint after --, e.g. "
-                          "hybridray submit --cluster local --site cloud-b -- python jobs/x.py")
+                          "hybridray submit --cluster local --site cloud-b --data-class public "
+                          "-- python jobs/x.py")
     if not args.cluster:
         raise ConfigError("name the cluster: --cluster NAME (or eval \"$(hybridray env NAME)\" "
                           "first, which sets HYBRIDRAY_CLUSTER)")

@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from hybridray.demo.narrator import Narrator
+from hybridray.shipped import shipped
 
-ROOT = Path(__file__).resolve().parent.parent.parent
-CLUSTER_FILE = ROOT / "clusters" / "local.yaml"
-TRAIN_CONFIG = ROOT / "configs" / "train" / "tiny.yaml"
-TICKETS_MASK = ROOT / "configs" / "masks" / "tickets.yaml"
+# Shipped with the package (and at the top of a checkout): the demo runs from anywhere.
+CLUSTER_FILE = shipped("clusters/local.yaml")
+TRAIN_CONFIG = shipped("configs/train/tiny.yaml")
+TICKETS_MASK = shipped("configs/masks/tickets.yaml")
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ record's driver node is looked up afterwards, so the caller sees where it really
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -67,8 +68,10 @@ def submit(cluster: str, entrypoint: list[str], *, site: str | None = None,
 
     client = JobSubmissionClient(state.dashboard_url)
     runtime_env = {"working_dir": working_dir} if working_dir else None
+    submission_id = f"hybridray-{uuid.uuid4().hex[:16]}"
+    _share_driver_log(state, submission_id)
     job_id = client.submit_job(entrypoint=shlex.join(entrypoint), runtime_env=runtime_env,
-                               **kwargs)
+                               submission_id=submission_id, **kwargs)
     chosen = placement.candidates[0].site
     say(f"submitted {job_id}: entrypoint placed at {chosen} "
         f"(selector {kwargs['entrypoint_label_selector']})")
@@ -89,6 +92,35 @@ def submit(cluster: str, entrypoint: list[str], *, site: str | None = None,
     say(client.get_job_logs(job_id).rstrip())
     say(f"job {job_id} {status.name}; its entrypoint ran at site {result.ran_at}")
     return result
+
+
+def _share_driver_log(state, submission_id: str) -> None:
+    """Make a job's output readable where Ray's job API reads it, on a one-host cluster.
+
+    Ray's job supervisor writes the entrypoint's output to ``job-driver-ID.log`` in the logs
+    directory of the node it runs on; the dashboard agents read it from the directory of the
+    node *they* attached to, which, when several nodes share one host (``hybridray up``),
+    is the head's. A job placed at another site then showed no output in ``ray job logs``
+    nor in ``hybridray submit``. Linking each other node's file name to the head's, before
+    the job exists, sends the output where both read it. Nodes on their own hosts (real
+    deployments) need nothing: every node uses the same path there.
+    """
+    from pathlib import Path
+
+    head = next((n for n in state.nodes if n.role == "head"), None)
+    if head is None or not head.temp_dir:
+        return
+    target = Path(head.temp_dir) / "session_latest" / "logs" / f"job-driver-{submission_id}.log"
+    if not target.parent.is_dir():
+        return
+    for node in state.nodes:
+        logs = Path(node.temp_dir) / "session_latest" / "logs" if node.temp_dir else None
+        if node is head or logs is None or not logs.is_dir() or \
+                logs.resolve() == target.parent.resolve():
+            continue
+        link = logs / target.name
+        if not link.exists():
+            link.symlink_to(target)
 
 
 def _driver_site(node_id: str | None, state) -> str | None:

@@ -4,6 +4,13 @@ Each candidate site becomes a label selector on ``hybridray.io/site``, also pinn
 whose ``hybridray.io/max-data-class`` admits the data (so a mislabelled site list cannot leak
 data). The first candidate is the primary ``label_selector``; the rest become Ray's
 ``fallback_strategy`` in order, so *Ray* bursts to the next site when the first is full.
+
+Every other constraint the policy decided is compiled too, into every selector (primary and
+fallbacks alike, for tasks, actors, Train workers, Serve replicas, Data stages and job
+entrypoints): the accelerator (``ray.io/accelerator-type``), the market (``ray.io/market-type:
+on-demand`` unless spot is allowed) and the pools that fit one unit (``hybridray.io/pool``,
+when fewer than all of a site's pools fit). A decision for an on-demand H100 can then never
+start on a spot A10G, whatever the node's free resources say.
 """
 
 from __future__ import annotations
@@ -21,23 +28,43 @@ MAX_ORDERED_FALLBACKS = 8
 _CLASS_SELECTOR = {c: f"in({','.join(x.value for x in c.at_least())})" for c in DataClass}
 
 
+def constraint_selector(placement: Placement) -> dict[str, str]:
+    """The labels every node running this workload must carry, whatever its site: the data
+    class it may hold, the accelerator and the market (on-demand unless spot is allowed)."""
+    wl = placement.workload
+    out = {L.MAX_DATA_CLASS: _CLASS_SELECTOR[wl.data_class]}
+    if wl.accelerator:
+        out[L.ACCELERATOR] = wl.accelerator
+    if not wl.spot_ok:
+        out[L.MARKET_TYPE] = "on-demand"
+    return out
+
+
 def site_selector(placement: Placement, site: str) -> dict[str, str]:
-    """Label selector for one candidate site that also enforces the data class."""
-    return {L.SITE: site, L.MAX_DATA_CLASS: _CLASS_SELECTOR[placement.workload.data_class]}
+    """Label selector for one candidate site with every decided constraint."""
+    sel = {L.SITE: site, **constraint_selector(placement)}
+    pools = next((c.pools for c in placement.candidates if c.site == site), ())
+    if pools:
+        sel[L.POOL] = pools[0] if len(pools) == 1 else f"in({','.join(pools)})"
+    return sel
 
 
 def selectors(placement: Placement) -> tuple[dict[str, str], list[dict[str, Any]]]:
     """(primary label_selector, fallback_strategy) for a placed workload."""
     placement.raise_if_refused()
     sites = placement.sites
-    cls = _CLASS_SELECTOR[placement.workload.data_class]
-    primary = {L.SITE: sites[0], L.MAX_DATA_CLASS: cls}
+    primary = site_selector(placement, sites[0])
     ordered = sites[1:1 + MAX_ORDERED_FALLBACKS]
-    fallback = [{"label_selector": {L.SITE: s, L.MAX_DATA_CLASS: cls}} for s in ordered]
+    fallback = [{"label_selector": site_selector(placement, s)} for s in ordered]
     rest = sites[1 + MAX_ORDERED_FALLBACKS:]
     if rest:
-        fallback.append({"label_selector": {L.SITE: f"in({','.join(rest)})",
-                                            L.MAX_DATA_CLASS: cls}})
+        # One merged selector for the tail: a pool set per site cannot be expressed there, so
+        # only tail sites without a pool restriction are kept (the decided pools of the
+        # others would be lost, which is exactly what this module exists to prevent).
+        free = [s for s in rest if not site_selector(placement, s).get(L.POOL)]
+        if free:
+            fallback.append({"label_selector": {L.SITE: f"in({','.join(free)})",
+                                                **constraint_selector(placement)}})
     return primary, fallback
 
 

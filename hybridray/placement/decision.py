@@ -29,6 +29,9 @@ class Candidate(NamedTuple):
     est_cost: float          # estimated cost of the whole workload here (compute + egress)
     units_max: int           # units that fit at this site at full size
     units_free: int | None   # units that fit now (None: no live capacity known)
+    # The site's pools that fit one unit, when that is fewer than all its pools: compiled
+    # into a ``hybridray.io/pool`` selector so Ray cannot start the work on another pool.
+    pools: tuple[str, ...] = ()
 
     @property
     def reason(self) -> str:
@@ -107,6 +110,8 @@ class Placement:
             "policy": self.policy,
             "outcome": "placed" if self.ok else "refused",
         }
+        if wl.class_defaulted:
+            record["data_class_source"] = "cluster default (no data_classes declared)"
         if self.ok:
             record["sites"] = self.sites
             record["reasons"] = {c.site: c.reason for c in self.candidates}

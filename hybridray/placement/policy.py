@@ -27,7 +27,7 @@ POLICY_NAME = "residency>site>shape>capacity>preference"
 
 def decide(topology: Topology, workload: Workload, capacity: Capacity | None = None) -> Placement:
     """Decide where ``workload`` may run; never raises for a refusal (see ``Placement``)."""
-    wl = workload
+    wl = resolve_class(topology, workload)
     cls = wl.data_class
     cap = capacity or _topology_capacity(topology)
 
@@ -80,16 +80,27 @@ def decide(topology: Topology, workload: Workload, capacity: Capacity | None = N
     live = cap.live
     candidates = tuple(
         Candidate(rows[i][0], rows[i][1], words(wl, rows[i], pos), rows[i][5], rows[i][2],
-                  costs[i], rows[i][3], rows[i][4] if live else None)
+                  costs[i], rows[i][3], rows[i][4] if live else None, rows[i][7])
         for pos, i in enumerate(order))
     return Placement(wl, candidates=candidates, excluded=excluded, policy=POLICY_NAME)
+
+
+def resolve_class(topology: Topology, workload: Workload) -> Workload:
+    """``workload`` itself when it declares its data, else a copy that takes the cluster's
+    ``default_data_class`` (restricted unless the topology says otherwise): the same rule
+    sync and training apply to undeclared data, so no path treats "undeclared" as public."""
+    if workload.data_classes:
+        return workload
+    return workload.model_copy(update={"data_classes": (topology.default_data_class,),
+                                       "class_defaulted": True})
 
 
 def _eligible(topology: Topology, cap: Capacity, wl: Workload):
     """Sites that pass residency, shape and capacity for this shape, memoised per capacity.
 
     Returns (rows, excluded, total units): rows are (site, pool, price per unit-hour, units
-    at full size, units free now, the site's max data class, whether the site is a cloud), in
+    at full size, units free now, the site's max data class, whether the site is a cloud, the
+    fitting pools when fewer than all the site's pools fit), in
     topology order; excluded maps site -> why it is not a candidate.
     """
     key = ("eligible", wl.data_class, wl.cpus, wl.gpus, wl.accelerator, wl.spot_ok)
@@ -117,8 +128,10 @@ def _eligible(topology: Topology, cap: Capacity, wl: Workload):
             excluded[name] = "no alive node fits one unit" if cap.live else "no capacity"
             continue
         price = pool.price_per_node_hour * _share(wl, pool.cpus, pool.gpus)
+        usable = [p for p in site.pools if p.max_nodes > 0]
+        narrower = tuple(p.name for p in pools) if len(pools) < len(usable) else ()
         rows.append((name, pool.name, price, units_max, units_free,
-                     site.max_data_class.value, site.kind is SiteKind.cloud))
+                     site.max_data_class.value, site.kind is SiteKind.cloud, narrower))
     result = (rows, excluded, sum(r[3] for r in rows))
     cap.memo[key] = result
     return result

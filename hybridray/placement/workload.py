@@ -54,6 +54,9 @@ class Workload(BaseModel):
     site: str | None = Field(None, description="The site for preference=site.")
     burst: bool = Field(True, description="Allow fallback to other allowed sites when full.")
     spot_ok: bool = Field(True, description="Allow spot/preemptible pools.")
+    class_defaulted: bool = Field(
+        False, description="Set by the policy when data_classes was empty and the cluster's "
+                           "default_data_class was taken instead (recorded in the audit log).")
 
     @field_validator("data_classes", mode="before")
     @classmethod
@@ -72,5 +75,10 @@ class Workload(BaseModel):
 
     @property
     def data_class(self) -> DataClass:
-        """The highest class the workload touches (public if it touches none)."""
-        return max(self.data_classes, default=DataClass.public)
+        """The highest class the workload touches.
+
+        An undeclared workload (no ``data_classes``) is placed with the cluster's
+        ``default_data_class`` (``decide`` fills it in); read here before that, it is
+        restricted: deny by default, never public.
+        """
+        return max(self.data_classes, default=DataClass.restricted)

@@ -57,8 +57,15 @@ class GatePolicy:
         self._buckets: dict[str, TokenBucket] = {}
         self._lock = threading.Lock()
 
-    def is_public(self, path: str) -> bool:
-        return any(path == p or path.endswith(p) for p in self.public_paths)
+    def is_public(self, path: str, root_path: str = "") -> bool:
+        """Exactly one of ``public_paths``, below the app's mount point ``root_path``.
+
+        Matched exactly, never by suffix: ``/v1/models/healthz`` is not ``/healthz``.
+        """
+        root = root_path.rstrip("/")
+        if root and path.startswith(root + "/"):
+            path = path[len(root):]
+        return path in self.public_paths
 
     def allowed(self, header: str | None) -> str | None:
         """The caller's digest when ``header`` carries a known token, else None."""
@@ -102,7 +109,7 @@ class Gate:
         path = scope.get("path", "")
         headers = {k.decode("latin-1").lower(): v.decode("latin-1")
                    for k, v in scope.get("headers", [])}
-        public = policy.is_public(path)
+        public = policy.is_public(path, scope.get("root_path", ""))
         who = headers.get("x-forwarded-for") or (scope.get("client") or ("?",))[0]
         if policy.auth and not public:
             key = policy.allowed(headers.get("authorization"))

@@ -334,12 +334,14 @@ class Ingress:
             stream.cancel()
             yield _event({"error": {"message": "deadline passed while streaming "
                                     f"(limits.request_timeout_s={self.limits['request_timeout_s']}"
-                                    ")", "type": "server_error", "code": "timeout"}})
+                                    ")", "type": "server_error", "param": None,
+                                    "code": "timeout"}})
         except SITE_DOWN as e:   # the replica died mid-stream: too late to fail over silently
             status = 502
             yield _event({"error": {"message": f"the replica at {route.site} was lost while "
                                     f"streaming ({type(e).__name__}); retry the request",
-                                    "type": "server_error", "code": "replica_lost"}})
+                                    "type": "server_error", "param": None,
+                                    "code": "replica_lost"}})
         finally:
             self._done("/v1/completions", route.model, route, route.version, status, started)
 

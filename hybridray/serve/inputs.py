@@ -86,7 +86,7 @@ def completion_job(body: P.CompletionRequest, lim: dict[str, Any]) -> dict[str, 
                         code="unsupported_parameter", param="suffix")
     bias = {}
     for key, value in (body.logit_bias or {}).items():
-        if int(key) > 256:
+        if not (key.isascii() and key.isdigit()) or int(key) > 256:
             raise HTTPError(400, f"logit_bias: {key} is not a token of this byte-level "
                                  "model (0-256)", code="invalid_token", param="logit_bias")
         bias[key] = value

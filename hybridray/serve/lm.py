@@ -236,7 +236,11 @@ class LanguageModel:
         if p.temperature <= 0:
             token = int(torch.argmax(logits))
         else:
-            scaled = logits / p.temperature
+            # Shift so the best logit is 0 and divide in float64: a tiny temperature
+            # (1e-320 is a valid float the schema admits) then sends the rest to -inf
+            # instead of inf/inf = nan, and the limit T -> 0 stays argmax-like sampling.
+            shifted = logits.double() - logits.max().double()
+            scaled = shifted / p.temperature
             if p.top_k is not None and p.top_k < EOT + 1:
                 kth = torch.topk(scaled, p.top_k).values[-1]
                 scaled[scaled < kth] = -float("inf")

@@ -191,6 +191,7 @@ def _source(model: ModelConfig, version: VersionConfig, topology: Topology):
     if model.kind == "embedding":
         return source, model.data_class or DataClass.public, None
     from hybridray.storage.fs import parse_address
+    from hybridray.storage.secrets import ClusterSecrets
     from hybridray.train.checkpoint import MODEL_FILE, CheckpointReader, read_config, read_meta
     from hybridray.train.kinds import CustomModelConfig
 
@@ -204,7 +205,8 @@ def _source(model: ModelConfig, version: VersionConfig, topology: Topology):
     try:
         given = CheckpointReader(path, fs)
         reader = _latest(given)
-        meta = read_meta(reader)
+        meta = read_meta(reader, ClusterSecrets(topology.name).signing_key(),
+                         topology.default_data_class.value)  # a hand edit is refused
         held = read_config(reader)
         size = reader.fs.get_file_info(reader.where(MODEL_FILE)).size or 0
     except Exception as e:  # TrainError names the file; anything else is as useful

@@ -73,7 +73,8 @@ class CompletionRequest(_Request):
         if len(value) > 300:
             raise ValueError("logit_bias holds at most 300 entries")
         for key, bias in value.items():
-            if not key.isdigit():
+            # ASCII digits only: str.isdigit() also accepts "²" or "٣", which int() refuses.
+            if not (key.isascii() and key.isdigit()) or len(key) > 6:
                 raise ValueError(f"logit_bias keys are token ids as strings (got {key!r})")
             if not -100 <= bias <= 100:
                 raise ValueError(f"logit_bias values lie in [-100, 100] (got {bias})")

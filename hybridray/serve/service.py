@@ -215,6 +215,39 @@ def deploy(config: ServeConfig | str | os.PathLike, overrides: list[str] | tuple
         say(f"{config.name}: {step}")
         _apply(client, schema)
 
+    try:
+        return _roll_out(config, plan, cluster, target, ingress_now, added, removed,
+                         keep_removed, new_apps, apply, wait, timeout_s, say)
+    except KeyboardInterrupt:      # Ctrl-C: take back what this call started, then stop
+        _undo(client, config.name, target, ours, others, say)
+        raise
+
+
+def _undo(client: Any, name: str, target: dict[str, Any], before: dict[str, Any],
+          others: list[dict[str, Any]], say: Any) -> None:
+    """Put the service back as it was before an interrupted deploy: gone if it was new, its
+    previous applications if it was an update. Submitted, not waited for (Ctrl-C is meant
+    to be prompt); Serve's controller carries it out."""
+    from ray import serve
+
+    try:
+        if before:
+            _apply(client, {**target, "applications": [*before.values(), *others]})
+            say(f"{name}: interrupted; the previous configuration is restored")
+        elif others:
+            _apply(client, {**target, "applications": others})
+            say(f"{name}: interrupted; its applications are being removed")
+        else:
+            for app in _ours(client, name):
+                serve.delete(app, _blocking=False)
+            say(f"{name}: interrupted; its applications are being removed")
+    except Exception as e:   # never hide the interrupt behind a clean-up error
+        say(f"{name}: interrupted; could not undo the deploy ({type(e).__name__}: {e}); "
+            f"remove it with: hybridray serve FILE --delete")
+
+
+def _roll_out(config, plan, cluster, target, ingress_now, added, removed, keep_removed,
+              new_apps, apply, wait, timeout_s, say) -> Service:
     if ingress_now is not None and added:
         apply([ingress_now, *target["applications"][1:], *keep_removed],
               f"starting {len(added)} new replica application(s) beside the current ones")

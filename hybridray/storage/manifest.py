@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import hmac
 import json
 import os
 import socket
@@ -42,7 +43,7 @@ CURRENT = "_CURRENT"
 MANIFESTS = "_manifests"
 PARTS = "_parts"
 LOCK = "_LOCK"
-LEASE_S = 3600.0
+LEASE_S = 600.0   # renewed every LEASE_S / 5 while the sync runs
 
 
 class _Model(BaseModel):
@@ -95,12 +96,41 @@ class Manifest(_Model):
     rows: int
     bytes: int
     parts: list[Part]
+    signature: str | None = Field(None, description="HMAC-SHA256 of every other field with "
+                                                    "the cluster's signing key.")
 
     model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json", by_alias=True), indent=1,
                           sort_keys=True)
+
+    def signed(self, key: bytes) -> Manifest:
+        return self.model_copy(update={"signature": sign(key, self._body())})
+
+    def verify(self, key: bytes, where: str) -> None:
+        """Raise ``IntegrityError`` unless the signature is this cluster's, over these fields."""
+        from hybridray.exceptions import IntegrityError
+
+        if not self.signature:
+            raise IntegrityError(f"{where}: the manifest is not signed; hybridray signs every "
+                                 "manifest it commits, so this one was written by hand or by "
+                                 "an older hybridray: rewrite it with hybridray sync "
+                                 "--overwrite from its source")
+        if not hmac.compare_digest(self.signature, sign(key, self._body())):
+            raise IntegrityError(f"{where}: the manifest's signature does not match its "
+                                 "content (edited after commit, e.g. its data_class) or was "
+                                 "signed by another cluster's key; refusing to read it. "
+                                 "Rewrite it with hybridray sync --overwrite from its source")
+
+    def _body(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True, exclude={"signature"})
+
+
+def sign(key: bytes, body: Any) -> str:
+    """HMAC-SHA256 (hex) of ``body`` as canonical JSON (sorted keys, no spaces)."""
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
+    return hmac.new(key, text.encode(), hashlib.sha256).hexdigest()
 
 
 class Current(_Model):
@@ -123,8 +153,11 @@ def now_iso() -> str:
 class DatasetStore:
     """The versions of one dataset in an ``ObjectStore`` rooted at the dataset."""
 
-    def __init__(self, store: ObjectStore):
+    def __init__(self, store: ObjectStore, signing_key: bytes | None = None):
+        """``signing_key``: the cluster's HMAC key. With it, commits are signed and every
+        manifest read is verified (a hand-edited or unsigned one is refused)."""
         self.store = store
+        self.signing_key = signing_key
 
     @property
     def label(self) -> str:
@@ -163,9 +196,12 @@ class DatasetStore:
             raise DataError(f"{self.label}/{key}: sha256 differs from the one {CURRENT} "
                             "recorded; the manifest was modified after commit")
         try:
-            return Manifest.model_validate_json(data)
+            manifest = Manifest.model_validate_json(data)
         except ValidationError as e:
             raise DataError(f"{self.label}/{key}: unreadable manifest: {e}") from None
+        if self.signing_key is not None:
+            manifest.verify(self.signing_key, f"{self.label}/{key}")
+        return manifest
 
     def versions(self) -> list[int]:
         """Committed versions whose manifests are kept, oldest first."""
@@ -200,6 +236,8 @@ class DatasetStore:
         if (now.version if now else None) != (expect.version if expect else None):
             raise DataError(f"{self.label}: version {now.version if now else None} was "
                             "committed by another sync while this one ran; rerun the sync")
+        if self.signing_key is not None:
+            manifest = manifest.signed(self.signing_key)
         body = manifest.to_json().encode()
         key = manifest_key(manifest.version)
         self.store.put(key, body)
@@ -235,38 +273,103 @@ class DatasetStore:
 
     # -- the lease ----------------------------------------------------------------------------
     def acquire(self, owner: str, *, what: str = "sync") -> None:
-        """Take the lease, or raise naming the live holder.
+        """Take the lease with a compare-and-swap, or raise naming the live holder.
 
         Advisory, like every lock over plain object storage: it keeps two hybridray syncs
-        from interleaving commits and garbage collection. A holder on this host whose
-        process is gone, or whose lease expired, is taken over.
+        from interleaving commits and garbage collection. The lease is created only if absent
+        (or taken over only if it still holds exactly the stale lease that was read), so two
+        syncs starting at once cannot both win. A holder on this host whose process is gone,
+        or whose lease expired (the holder renews it while it runs: ``renew``), is taken over.
         """
-        text = self.store.get_text(LOCK)
-        if text:
-            try:
-                held = json.loads(text)
-            except ValueError:
-                held = {}
+        raw = self._lease_bytes()
+        if raw is not None:
+            held = _parse(raw)
             if held.get("owner") != owner and not _stale(held):
                 raise DataError(
                     f"{self.label}: another {held.get('what', 'sync')} holds the lease (pid "
                     f"{held.get('pid')} on {held.get('host')}, since {held.get('since')}); "
                     "wait for it to finish, or remove "
                     f"{self.label}/{LOCK} if that process is gone")
-        lease = {"owner": owner, "what": what, "host": socket.gethostname(),
-                 "pid": os.getpid(), "pid_start": process_start_time(os.getpid()),
-                 "since": now_iso(),
-                 "expires": time.time() + LEASE_S}
-        self.store.put_text(LOCK, json.dumps(lease))
-        check = json.loads(self.store.get_text(LOCK) or "{}")
-        if check.get("owner") != owner:
+        if not self.store.swap(LOCK, _lease(owner, what), raw):
             raise DataError(f"{self.label}: another sync took the lease at the same moment; "
                             "rerun")
 
+    def renew(self, owner: str, *, what: str = "sync") -> None:
+        """Push the lease's expiry forward; raise if it is no longer ours."""
+        raw = self._lease_bytes()
+        held = _parse(raw) if raw is not None else {}
+        if held.get("owner") != owner or not self.store.swap(LOCK, _lease(owner, what, held),
+                                                             raw):
+            raise DataError(f"{self.label}: this sync lost its lease (held by "
+                            f"{held.get('owner', 'nobody')} now); nothing was committed, rerun")
+
+    def check_lease(self, owner: str) -> None:
+        """Raise unless ``owner`` holds the lease (checked just before a commit)."""
+        raw = self._lease_bytes()
+        if raw is None or _parse(raw).get("owner") != owner:
+            raise DataError(f"{self.label}: this sync lost its lease before committing; "
+                            "nothing was committed, rerun")
+
     def release(self, owner: str) -> None:
-        text = self.store.get_text(LOCK)
-        if text and json.loads(text).get("owner") == owner:
+        raw = self._lease_bytes()
+        if raw is not None and _parse(raw).get("owner") == owner:
             self.store.delete([LOCK])
+
+    def _lease_bytes(self) -> bytes | None:
+        return self.store.get(LOCK) if self.store.size(LOCK) is not None else None
+
+
+class LeaseKeeper:
+    """Renews a lease every ``every_s`` seconds from a daemon thread while a sync runs;
+    ``check()`` re-raises a renewal that failed (the lease was lost)."""
+
+    def __init__(self, store: DatasetStore, owner: str, every_s: float | None = None):
+        import threading
+
+        self.store, self.owner = store, owner
+        self.every_s = LEASE_S / 5 if every_s is None else every_s
+        self.error: BaseException | None = None
+        self.renewals = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="hybridray-lease", daemon=True)
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                self.store.renew(self.owner)
+                self.renewals += 1
+            except BaseException as e:  # noqa: BLE001  (reported by check())
+                self.error = e
+                return
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+        self.store.check_lease(self.owner)
+
+
+def _lease(owner: str, what: str, held: dict | None = None) -> bytes:
+    lease = {"owner": owner, "what": what, "host": socket.gethostname(),
+             "pid": os.getpid(), "pid_start": process_start_time(os.getpid()),
+             "since": (held or {}).get("since") or now_iso(),
+             "expires": time.time() + LEASE_S}
+    return json.dumps(lease).encode()
+
+
+def _parse(raw: bytes) -> dict:
+    try:
+        held = json.loads(raw)
+    except ValueError:
+        return {}
+    return held if isinstance(held, dict) else {}
 
 
 def new_owner() -> str:

@@ -16,8 +16,13 @@ A masking spec names, per column, what to do before data leaves its site::
 Rules are vectorised Arrow compute (RE2 regular expressions, ``floor_temporal``); hashing
 hashes each distinct value once. After masking, ``scan`` checks every batch before it is
 encoded: redacted columns must hold no match of their patterns, hashed values must differ from
-the raw ones, and every other string column (nested ones included) must hold no email address
-or phone number. A hit fails the sync, naming the file and column, and nothing is committed.
+the raw ones, and every other string column (nested ones included) must hold none of the PII
+kinds in ``PATTERNS`` (email, phone, ssn, card, iban, ipv4). A hit fails the sync, naming the
+file and column, and nothing is committed.
+
+A spec that lowers the class must earn it (``check_coverage``): every column above the output
+class needs a rule, ``keep`` being the explicit "reviewed" one, so ``{output_class: public,
+scan: false}`` with no rules lowers nothing.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -38,10 +43,25 @@ from hybridray.topology.models import DataClass
 PATTERNS = {
     "email": r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}",
     "phone": r"(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\b\d{2,4}[ .-])\d{3,4}[ .-]\d{3,4}\b",
+    # US social security numbers written with dashes: 123-45-6789.
+    "ssn": r"\b\d{3}-\d{2}-\d{4}\b",
+    # Payment card numbers: 13-19 digits in groups of 4 (separated by spaces or dashes) or
+    # 15-16 digits in one run.
+    "card": r"\b(?:\d{4}[ -]){3}\d{1,7}\b|\b\d{15,16}\b",
+    # IBANs: country code, 2 check digits, 11-30 letters/digits (spaces every 4 allowed).
+    "iban": r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b",
+    # IPv4 addresses.
+    "ipv4": r"\b(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)\b",
 }
-PLACEHOLDER = {"email": "[EMAIL]", "phone": "[PHONE]"}
-SCAN_PATTERNS = ("email", "phone")
-_WHAT = {"email": "an email address", "phone": "a phone number"}
+PLACEHOLDER = {"email": "[EMAIL]", "phone": "[PHONE]", "ssn": "[SSN]", "card": "[CARD]",
+               "iban": "[IBAN]", "ipv4": "[IP]"}
+# Every kind above: docs/data.md lists the same ones (a test checks they agree).
+SCAN_PATTERNS = tuple(PATTERNS)
+_WHAT = {"email": "an email address", "phone": "a phone number",
+         "ssn": "a social security number", "card": "a payment card number",
+         "iban": "an IBAN", "ipv4": "an IP address"}
+# Arrow field metadata a source may use to mark one column's class (b"restricted", ...).
+COLUMN_CLASS_KEY = b"hybridray.data_class"
 
 
 class ColumnRule(BaseModel):
@@ -83,8 +103,9 @@ class MaskingSpec(BaseModel):
     output_class: DataClass | None = Field(
         None, description="Class of the output once all rules ran (lowers the source's).")
     columns: dict[str, ColumnRule] = Field(default_factory=dict)
-    scan: bool = Field(True, description="Scan every other string column for emails and "
-                                         "phone numbers after masking.")
+    scan: bool = Field(True, description="Scan every other string column for the PII kinds "
+                                         "in SCAN_PATTERNS (emails, phone numbers, SSNs, "
+                                         "payment cards, IBANs, IP addresses) after masking.")
 
     @field_validator("columns", mode="before")
     @classmethod
@@ -156,6 +177,43 @@ def check_against_schema(spec: MaskingSpec, schema, source: str):
     if problems:
         raise ConfigError(["masking spec: " + p for p in problems])
     return apply(schema.empty_table(), spec, b"\0" * 32).schema
+
+
+def check_coverage(spec: MaskingSpec, schema, source_class: DataClass, source: str) -> None:
+    """A spec that lowers the class must say what happens to every column that holds data
+    above the output class: a column marked (Arrow field metadata ``hybridray.data_class``)
+    above the output class, or unmarked (it is then of the source's class), needs a rule.
+    ``keep`` counts: it is the explicit, audited "reviewed, fine to move" rule. Declaring a
+    lower ``output_class`` alone lowers nothing.
+    """
+    out = spec.output_class_for(source_class)
+    if out >= source_class:
+        return
+    uncovered = []
+    for f in schema:
+        marked = (f.metadata or {}).get(COLUMN_CLASS_KEY)
+        cls = DataClass(marked.decode()) if marked else source_class
+        if cls > out and f.name not in spec.columns:
+            uncovered.append(f"{f.name} ({cls.value})")
+    if uncovered:
+        raise MaskingError(
+            f"{source}: the masking spec lowers {source_class.value} to {out.value} but has no "
+            f"rule for {len(uncovered)} column(s) above {out.value}: {', '.join(uncovered)}; "
+            "give each a rule (drop, hash, redact, generalize), or `keep` once reviewed to "
+            "hold nothing above the output class")
+
+
+def actions(spec: MaskingSpec | None, source_class: DataClass) -> dict[str, Any] | None:
+    """What a spec actually does, for the sync result and the audit log."""
+    if spec is None:
+        return None
+    out = spec.output_class_for(source_class)
+    rules = {name: r.rule for name, r in spec.columns.items()}
+    return {"rules": rules, "reviewed_keep": sorted(n for n, r in rules.items() if r == "keep"),
+            "changed_columns": sorted(n for n, r in rules.items() if r != "keep"),
+            "scan": spec.scan, "scan_kinds": list(SCAN_PATTERNS) if spec.scan else [],
+            "class_from": source_class.value, "class_to": out.value,
+            "lowered": out < source_class}
 
 
 def apply(table, spec: MaskingSpec, salt: bytes):

@@ -89,6 +89,19 @@ class ObjectStore:
     def put_text(self, key: str, text: str) -> None:
         self.put(key, text.encode("utf-8"))
 
+    def swap(self, key: str, data: bytes, expect: bytes | None) -> bool:
+        """Compare-and-swap one small object: write ``data`` only if ``key`` now holds
+        exactly ``expect`` (``None``: only if it does not exist). True if written.
+
+        Stores that cannot do this atomically compare, then write (``FsStore``).
+        """
+        with self._errors("read", key):
+            now = self.get(key) if self.size(key) is not None else None
+        if now != expect:
+            return False
+        self.put(key, data)
+        return True
+
     @contextlib.contextmanager
     def _errors(self, op: str, key: str) -> Iterator[None]:
         try:
@@ -121,6 +134,7 @@ class LocalStore(ObjectStore):
 
     root: str
     label: str = ""
+    site_root: str = ""   # the site's storage root: no key may resolve outside it
     scheme = "file"
 
     def put(self, key: str, data: bytes) -> None:
@@ -143,19 +157,44 @@ class LocalStore(ObjectStore):
         with self._errors("read", key), open(self._path(key), "rb") as f:
             return f.read()
 
+    def swap(self, key: str, data: bytes, expect: bytes | None) -> bool:
+        """Compare-and-swap under an exclusive ``flock`` on a sidecar file: atomic for
+        every process that reaches this directory through hybridray."""
+        import fcntl
+
+        path = self._path(key)
+        with self._errors("write", key):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd = os.open(os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.cas"),
+                         os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    with open(path, "rb") as f:
+                        now = f.read()
+                except FileNotFoundError:
+                    now = None
+                if now != expect:
+                    return False
+                self.put(key, data)
+                return True
+            finally:
+                os.close(fd)
+
     def iter_chunks(self, key: str, chunk: int = 8 << 20) -> Iterator[bytes]:
         with self._errors("read", key), open(self._path(key), "rb") as f:
             while block := f.read(chunk):
                 yield block
 
     def list_stat(self, prefix: str = "") -> dict[str, tuple[int, int]]:
-        base = self._path(prefix) if prefix else self.root
+        base = self._path(prefix)
         out: dict[str, tuple[int, int]] = {}
         with self._errors("list", prefix):
             for dirpath, _dirs, files in os.walk(base):
                 for name in files:
-                    if name.endswith(".tmp") and name.startswith("."):
-                        continue  # a write in progress (or one a crash left behind)
+                    if name.startswith(".") and name.endswith((".tmp", ".cas")):
+                        continue  # a write in progress (or one a crash left behind), or
+                        # the lock file of a compare-and-swap
                     full = os.path.join(dirpath, name)
                     st = os.stat(full)
                     out[os.path.relpath(full, self.root)] = (st.st_size, st.st_mtime_ns)
@@ -177,7 +216,8 @@ class LocalStore(ObjectStore):
             return None
 
     def child(self, path: str) -> LocalStore:
-        return LocalStore(f"{self.root}/{path.strip('/')}", _join_label(self.label, path))
+        return LocalStore(f"{self.root}/{path.strip('/')}", _join_label(self.label, path),
+                          self.site_root or self.root)
 
     @property
     def fs(self):
@@ -186,7 +226,27 @@ class LocalStore(ObjectStore):
         return pafs.LocalFileSystem()
 
     def _path(self, key: str) -> str:
-        return f"{self.root}/{key}"
+        path = f"{self.root}/{key}" if key else self.root
+        self._check_resolved(path, key)
+        return path
+
+    def fs_path(self, key: str = "") -> str:
+        return self._path(key)
+
+    def _check_resolved(self, path: str, key: str) -> None:
+        """Refuse a path that resolves anywhere but where it says, below the site root: a
+        symlink (to another site's root, or anywhere) in the dataset's path or the key."""
+        root = self.site_root or self.root
+        rel = os.path.relpath(os.path.normpath(path), os.path.normpath(root))
+        if rel == os.curdir:
+            return
+        expected = os.path.join(os.path.realpath(root), rel)
+        if rel.startswith(os.pardir) or os.path.realpath(path) != expected:
+            raise DataError(
+                f"{self._join(key)}: {path} resolves to {os.path.realpath(path)}, not below the "
+                f"site's storage root {root} as written (a symlink?); hybridray refuses to "
+                "read or write through symlinks under a storage root: replace the link with "
+                "a real directory, or use the site the data really belongs to")
 
 
 # ---- S3 -----------------------------------------------------------------------------------
@@ -221,6 +281,34 @@ class S3Store(ObjectStore):
             except self.client.exceptions.NoSuchKey:
                 raise FileNotFoundError(key) from None
             return body.read()
+
+    def swap(self, key: str, data: bytes, expect: bytes | None) -> bool:
+        """Compare-and-swap with S3's conditional writes: ``If-None-Match: *`` to create,
+        ``If-Match: ETAG`` (of the object read as ``expect``) to replace."""
+        from botocore.exceptions import ClientError
+
+        with self._errors("write", key):
+            kwargs: dict = {}
+            if expect is None:
+                kwargs["IfNoneMatch"] = "*"
+            else:
+                try:
+                    got = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+                except self.client.exceptions.NoSuchKey:
+                    return False
+                if got["Body"].read() != expect:
+                    return False
+                kwargs["IfMatch"] = got["ETag"]
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data,
+                                       **kwargs)
+            except ClientError as e:
+                code = e.response.get("Error", {}).get("Code", "")
+                if code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409",
+                            "NoSuchKey"):
+                    return False
+                raise
+            return True
 
     def iter_chunks(self, key: str, chunk: int = 8 << 20) -> Iterator[bytes]:
         with self._errors("read", key):
@@ -416,7 +504,7 @@ def site_store(name: str, site: Site) -> ObjectStore:
     storage = site.storage
     label = f"{name}:"
     if storage.scheme == "file":
-        return LocalStore(storage.path.rstrip("/"), label)
+        return LocalStore(storage.path.rstrip("/"), label, storage.path.rstrip("/"))
     if storage.scheme == "s3":
         bucket, _, prefix = storage.path.strip("/").partition("/")
         return S3Store(bucket, prefix, storage.endpoint, storage.region, label)

@@ -84,7 +84,8 @@ class Plan:
     deleted: list[str] = field(default_factory=list)
 
 
-def discover(store: ObjectStore, address: DatasetAddress, uri: str) -> Source:
+def discover(store: ObjectStore, address: DatasetAddress, uri: str,
+             signing_key: bytes | None = None) -> Source:
     """The source's files: a committed hybridray dataset's parts, or a directory's files.
 
     Names starting with ``_`` or ``.`` are skipped in plain directories (``_SUCCESS``,
@@ -93,7 +94,7 @@ def discover(store: ObjectStore, address: DatasetAddress, uri: str) -> Source:
     if store.size(CURRENT) is not None:
         from hybridray.storage.manifest import DatasetStore
 
-        manifest = DatasetStore(store).manifest()
+        manifest = DatasetStore(store, signing_key).manifest()  # verified: class is trusted
         files = {p.path: FileInfo(p.path, p.bytes, 0, p.sha256, p.rows,
                                   schema_fp=manifest.schema_.fingerprint)
                  for p in manifest.parts}
@@ -111,7 +112,8 @@ def discover(store: ObjectStore, address: DatasetAddress, uri: str) -> Source:
     return Source(address, store, files)
 
 
-def resolve_class(source: Source, declared: DataClass | str | None) -> tuple[DataClass, str]:
+def resolve_class(source: Source, declared: DataClass | str | None,
+                  default: DataClass = DataClass.restricted) -> tuple[DataClass, str]:
     """The source's data class and where it came from (manifest, declared, or default).
 
     A class recorded in a manifest can only be raised by a declaration, never lowered: only
@@ -128,7 +130,7 @@ def resolve_class(source: Source, declared: DataClass | str | None) -> tuple[Dat
         return max(declared, recorded or declared), "declared"
     if recorded is not None:
         return recorded, "manifest"
-    return DataClass.restricted, "default"
+    return DataClass(default), "default"
 
 
 def transform_fp(masking_fp: str | None, footer_key: str | None, compression: str) -> str:

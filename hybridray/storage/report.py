@@ -34,7 +34,8 @@ class SyncResult:
     bytes_moved: int = 0          # bytes that crossed from the source site to the destination
     seconds: float = 0.0
     cost: float = 0.0             # egress price of bytes_moved over the link
-    masked: bool = False
+    masked: bool = False          # a rule changed or removed at least one column
+    masking: dict[str, Any] | None = None   # what was done: rules per column, class lowered
     encrypted: bool = False
     garbage_collected: int = 0
     sites: dict[str, list[str]] = field(default_factory=dict)  # stage -> sites it ran at

@@ -11,6 +11,8 @@ fingerprint of the salt, so a change of salt shows up as a change of masking.
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -44,7 +46,12 @@ class ClusterSecrets:
         return f"{self.cluster}/{site}"
 
     def master_keys(self, ids: list[str] | None = None) -> dict[str, bytes]:
-        """Master keys by id (created on demand for ids this cluster owns)."""
+        """Master keys by id (created on demand for ids this cluster owns).
+
+        Creation happens under an exclusive lock on the keys directory and re-reads the file
+        inside it, so two first syncs at once (threads, processes, CLI runs) never overwrite
+        each other's new key; the file is replaced by write-then-rename, never rewritten.
+        """
         path = self.dir / "master-keys.json"
         keys = self._read_keys(path)
         wanted = ids or []
@@ -55,29 +62,47 @@ class ClusterSecrets:
                 raise DataError(f"no master key {foreign[0]!r} in {path}: the data was "
                                 f"encrypted by another cluster's keys; copy that cluster's "
                                 f"keys directory or read it there")
-            self._ensure_dir()
-            for k in missing:
-                keys[k] = secrets.token_bytes(KEY_BYTES)
-            _write_private(path, json.dumps(
-                {k: base64.b64encode(v).decode() for k, v in keys.items()}, indent=2).encode())
+            with self._locked():
+                keys = self._read_keys(path)  # what others created while we waited
+                missing = [k for k in wanted if k not in keys]
+                if missing:
+                    for k in missing:
+                        keys[k] = secrets.token_bytes(KEY_BYTES)
+                    _write_private(path, json.dumps(
+                        {k: base64.b64encode(v).decode() for k, v in keys.items()},
+                        indent=2).encode())
         return {k: keys[k] for k in wanted} if ids is not None else keys
+
+    def signing_key(self) -> bytes:
+        """The cluster's HMAC key for manifests and checkpoint metadata (32 bytes, created
+        once). Kept with the other secrets: whoever may edit a manifest without it is refused."""
+        return self._file_bytes("signing.key", SALT_BYTES)
 
     # ---- files ----------------------------------------------------------------------------
     def _ensure_dir(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.dir, 0o700)
 
+    @contextlib.contextmanager
+    def _locked(self):
+        """An exclusive ``flock`` on ``DIR/.lock`` for creating secrets."""
+        self._ensure_dir()
+        fd = os.open(self.dir / ".lock", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
     def _file_bytes(self, name: str, size: int) -> bytes:
         path = self.dir / name
         if not path.exists():
-            self._ensure_dir()
-            try:  # O_EXCL: two drivers creating it at once agree on the first one's bytes
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
-                pass
-            else:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(secrets.token_bytes(size))
+            # Under the lock, and complete before it has its name (write, fsync, rename):
+            # a reader never sees an empty or half-written file, and two creators agree on
+            # the first one's bytes.
+            with self._locked():
+                if not path.exists():
+                    _write_private(path, secrets.token_bytes(size))
         data = path.read_bytes()
         if len(data) != size:
             raise DataError(f"{path}: expected {size} bytes, found {len(data)}; restore it from "
@@ -96,7 +121,7 @@ class ClusterSecrets:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)

@@ -39,6 +39,7 @@ from hybridray.storage.encryption import key_ring
 from hybridray.storage.fs import parse_address
 from hybridray.storage.manifest import (
     DatasetStore,
+    LeaseKeeper,
     Manifest,
     Part,
     SchemaInfo,
@@ -128,8 +129,10 @@ class _Run:
         secrets = ClusterSecrets(self.cluster.name, home)
         src_store = dataset_store(self.topology, self.src)
         self._say(f"listing {self.src}")
-        source = plan_mod.discover(src_store, self.src, self.src.uri(self.topology))
-        src_class, how = plan_mod.resolve_class(source, declared)
+        source = plan_mod.discover(src_store, self.src, self.src.uri(self.topology),
+                                   signing_key=secrets.signing_key())
+        src_class, how = plan_mod.resolve_class(source, declared,
+                                                self.topology.default_data_class)
         out_class = spec.output_class_for(src_class) if spec else src_class
         src_pl, dst_pl = self._place(src_class, out_class, how, spec, cpus)
 
@@ -146,12 +149,14 @@ class _Run:
 
         dst_store = dataset_store(self.topology, self.dst)
         ensure_emulated_bucket(dst_store)
-        dst = DatasetStore(dst_store)
+        dst = DatasetStore(dst_store, secrets.signing_key())
         dst.acquire(self.sync_id)
+        self.lease = LeaseKeeper(dst, self.sync_id)
         try:
-            return self._sync(source, dst, spec, salt, masking_fp, src_class, out_class,
-                              src_pl, dst_pl, src_keys, dst_keys, transform, overwrite,
-                              checksum, keep, part_bytes)
+            with self.lease:
+                return self._sync(source, dst, spec, salt, masking_fp, src_class, out_class,
+                                  src_pl, dst_pl, src_keys, dst_keys, transform, overwrite,
+                                  checksum, keep, part_bytes)
         finally:
             with contextlib.suppress(HybridRayError):
                 dst.release(self.sync_id)
@@ -180,7 +185,7 @@ class _Run:
             self._phase("plan")
         changed = plan_mod.carry_probed(plan, source, prev, transform, stored)
         plan_mod.check_schemas(source)
-        schema = self._output_schema(source, spec, prev, changed)
+        schema = self._output_schema(source, spec, prev, changed, src_class)
         sctx = P.SourceContext(source.store, self.src.site, src_class, spec, salt, src_keys,
                                dst_keys, schema_fp=schema.fingerprint)
         copy_ok = spec is None and dst_keys is None and src_keys is None
@@ -210,7 +215,9 @@ class _Run:
             parts_carried=sum(len(v) for v in plan.carried.values()),
             rows=sum(p.rows for p in parts), rows_moved=sum(r["rows"] for r in written.values()),
             bytes=sum(p.bytes for p in parts),
-            bytes_moved=sum(r["bytes"] for r in written.values()), masked=spec is not None,
+            bytes_moved=sum(r["bytes"] for r in written.values()),
+            masked=bool(spec and any(r.rule != "keep" for r in spec.columns.values())),
+            masking=masking_mod.actions(spec, src_class),
             encrypted=dst_keys is not None,
             sites={"read": sorted({r["source_site"] for r in written.values()}),
                    "write": sorted({r["site"] for r in written.values()})})
@@ -232,6 +239,7 @@ class _Run:
                 if spec else None,
                 encryption=dst_keys.describe() if dst_keys else None, transform=transform,
                 schema=schema, rows=result.rows, bytes=result.bytes, parts=parts)
+            self.lease.check()  # renewed all along, and still ours: or nothing is committed
             committed = dst.commit(manifest, expect=cur)
             result.version = committed.version
             self._say(f"committed {self.dst} version {committed.version}")
@@ -260,8 +268,9 @@ class _Run:
         limit = self.topology.sites[self.dst.site].max_data_class
         if out_class > limit:
             allowed = self.topology.sites_by_class[out_class]
-            default = " (no class declared or recorded, so restricted by default)" \
-                if how == "default" else ""
+            default = (" (no class declared or recorded, so "
+                       f"{self.topology.default_data_class.value} by default: the cluster's "
+                       "default_data_class)") if how == "default" else ""
             after = f", still {out_class.value} after masking" if spec else ""
             fix = (f"mask it to {limit.value} or lower before it leaves (--mask SPEC with "
                    f"output_class: {limit.value}), or sync it to a site that may hold "
@@ -310,8 +319,8 @@ class _Run:
                                 "they are not deleted)")
         return prev
 
-    def _output_schema(self, source, spec, prev: Manifest | None, changed: list[str]
-                       ) -> SchemaInfo:
+    def _output_schema(self, source, spec, prev: Manifest | None, changed: list[str],
+                       src_class: DataClass) -> SchemaInfo:
         probed = next((source.files[n] for n in changed if source.files[n].schema), None)
         if probed is None:
             if prev is None:
@@ -319,6 +328,14 @@ class _Run:
             return prev.schema_
         schema = P.schema_from_b64(probed.schema)
         if spec is not None:
+            try:
+                masking_mod.check_coverage(spec, schema, src_class, str(self.src))
+            except HybridRayError as e:
+                self.cluster.audit.refusal(e, what="mask", rule="masking",
+                                           source=str(self.src), destination=str(self.dst),
+                                           sync_id=self.sync_id, cluster=self.cluster.name)
+                self.outcome_recorded = True
+                raise
             schema = masking_mod.check_against_schema(spec, schema, str(self.src))
         return SchemaInfo(fingerprint=P.schema_fp(schema), fields=P.schema_fields(schema),
                           arrow=P.schema_b64(schema))

@@ -362,6 +362,11 @@ class Topology(_Strict):
     description: str = Field("", description="Free text.")
     head: Head = Field(description="Where the Ray head runs.")
     sites: dict[str, Site] = Field(min_length=1, description="Sites, by name.")
+    default_data_class: DataClass = Field(
+        DataClass.restricted,
+        description="Class of work and data that declare none (a Workload without "
+                    "data_classes, a sync source without a manifest or --data-class, a "
+                    "training corpus without data.data_class). Deny by default: restricted.")
 
     @model_validator(mode="after")
     def _references(self) -> Topology:

@@ -128,9 +128,11 @@ def complete_checkpoints(fs: Any, run_dir: str) -> Iterator[CheckpointReader]:
 
 def save_checkpoint(directory: str | os.PathLike, model: Any, *, optimizer: dict[str, Any],
                     state: dict[str, Any], meta: dict[str, Any],
-                    model_config: dict[str, Any] | None = None) -> Path:
+                    model_config: dict[str, Any] | None = None,
+                    signing_key: bytes | None = None) -> Path:
     """Write the five files of the contract into the local ``directory`` (created).
-    ``model_config`` defaults to a GPT's own ``config``; your own model needs it given."""
+    ``model_config`` defaults to a GPT's own ``config``; your own model needs it given.
+    ``signing_key`` (the cluster's) signs ``hybridray.json`` so an edit is refused."""
     import torch
     from safetensors.torch import save_file
 
@@ -148,15 +150,56 @@ def save_checkpoint(directory: str | os.PathLike, model: Any, *, optimizer: dict
     (out / CONFIG_FILE).write_text(json.dumps(model_config, indent=2, default=str))
     torch.save(optimizer, out / OPTIMIZER_FILE)
     (out / STATE_FILE).write_text(json.dumps(state, indent=2, default=str))
-    (out / META_FILE).write_text(json.dumps({"format": FORMAT, **meta}, indent=2, default=str))
+    meta = {"format": FORMAT, **meta}
+    if signing_key is not None:
+        meta = sign_meta(meta, signing_key)
+    (out / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
     return out
+
+
+def sign_meta(meta: dict[str, Any], key: bytes) -> dict[str, Any]:
+    """``meta`` with ``signature``: HMAC-SHA256 of every other key (canonical JSON)."""
+    from hybridray.storage.manifest import sign
+
+    body = {k: v for k, v in meta.items() if k != "signature"}
+    return {**body, "signature": sign(key, json.loads(json.dumps(body, default=str)))}
+
+
+def verify_meta(meta: dict[str, Any], key: bytes, where: str,
+                default_class: str = "restricted") -> dict[str, Any]:
+    """Check ``hybridray.json`` against the cluster's key.
+
+    Signed and matching: returned as is. Signed and not matching (a hand edit, or another
+    cluster's key): ``TrainError``. Unsigned (written outside a hybridray training run): its
+    class is raised to ``default_class`` (the cluster's default), so removing a signature
+    can never lower a class.
+    """
+    import hmac
+
+    from hybridray.storage.manifest import sign
+    from hybridray.topology.models import DataClass
+
+    if "signature" not in meta:
+        cls = max(DataClass(meta.get("data_class", default_class)), DataClass(default_class))
+        return {**meta, "data_class": cls.value, "signed": False}
+    body = {k: v for k, v in meta.items() if k != "signature"}
+    if not hmac.compare_digest(str(meta["signature"]), sign(key, body)):
+        raise TrainError(f"{where}: signature does not match its content (edited after the "
+                         "run wrote it, e.g. data_class) or was signed by another cluster's "
+                         "key; refusing this checkpoint. Use the checkpoint as training wrote "
+                         "it, or train again")
+    return {**meta, "signed": True}
 
 
 # ---- reading ------------------------------------------------------------------------------
 
-def read_meta(reader: CheckpointReader) -> dict[str, Any]:
-    """``hybridray.json``, checked for the keys every reader relies on."""
+def read_meta(reader: CheckpointReader, signing_key: bytes | None = None,
+              default_class: str = "restricted") -> dict[str, Any]:
+    """``hybridray.json``, checked for the keys every reader relies on, and against the
+    cluster's ``signing_key`` when one is given (``verify_meta``)."""
     meta = reader.json(META_FILE)
+    if signing_key is not None:
+        meta = verify_meta(meta, signing_key, reader.where(META_FILE), default_class)
     missing = [k for k in ("data_class", "site", "tokenizer") if k not in meta]
     if missing:
         raise TrainError(f"{reader.where(META_FILE)}: missing {', '.join(missing)}")
@@ -297,7 +340,8 @@ def read_weights(reader: CheckpointReader, config: Any) -> dict[str, Any]:
     return tensors
 
 
-def inspect_checkpoint(location: Any, filesystem: Any = None
+def inspect_checkpoint(location: Any, filesystem: Any = None, *,
+                       signing_key: bytes | None = None, default_class: str = "restricted"
                        ) -> tuple[dict[str, Any], Any, dict[str, Any]]:
     """``(meta, GPTConfig, state)`` of a checkpoint, checked without loading its weights:
     all files present, JSON valid, the safetensors header complete and matching the config.
@@ -305,7 +349,7 @@ def inspect_checkpoint(location: Any, filesystem: Any = None
     reader = location if isinstance(location, CheckpointReader) else CheckpointReader(
         location, filesystem)
     reader.check_complete()
-    meta = read_meta(reader)
+    meta = read_meta(reader, signing_key, default_class)
     config = read_config(reader)
     _check_shapes(reader, config, read_header(reader))
     return meta, config, read_state(reader)

@@ -98,8 +98,10 @@ class DataSection(_Strict):
                                description="Glob patterns of file names to take.")
     text_column: str = Field("text", min_length=1,
                              description="With dataset:SITE:PATH, the string column to train on.")
-    data_class: DataClass = Field(
-        DataClass.restricted, description="Class of the corpus; checkpoints inherit it.")
+    data_class: DataClass | None = Field(
+        None, description="Class of the corpus; checkpoints inherit it. Unset: the "
+                          "cluster's default_data_class (restricted unless the topology "
+                          "says otherwise), as for undeclared workloads and sync sources.")
     output: str = Field("onprem:datasets/stdlib-bytes",
                         description="SITE:PATH where token shards and manifest.json live.")
     val_fraction: float = Field(0.05, gt=0, lt=0.5,

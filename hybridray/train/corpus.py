@@ -105,14 +105,18 @@ def prepare_corpus(data: Any, topology: Topology, *, cluster: Any = None, name: 
     from hybridray.placement.workload import Workload, WorkloadKind
 
     out = parse_address(data.output, topology)
-    cls = DataClass(data.data_class)
+    cls = DataClass(data.data_class or topology.default_data_class)
     site = topology.sites[out.site]
     if not site.may_hold(cls):
-        raise PlacementRefused(
+        refusal = PlacementRefused(
             f"data.output {data.output}: site {out.site!r} may hold up to "
             f"{site.max_data_class.value}, not {cls.value} data",
             rule="residency", fix="write the shards to a site allowed for "
             f"{cls.value}: {', '.join(topology.sites_by_class[cls]) or 'none'}")
+        if cluster is not None:
+            cluster.audit.refusal(refusal, what="train output", workload=name, site=out.site,
+                                  data_class=cls.value, cluster=topology.name)
+        raise refusal
     src = source_spec(data.source, topology)
     if src["kind"] in ("site", "dataset") and src["site"] != out.site:
         raise TrainError(f"data.source {data.source}: prepare text at the site that will hold "

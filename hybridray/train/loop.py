@@ -34,6 +34,7 @@ GPU_PEAK_FLOPS = {                 # dense peak per GPU: (bf16/fp16 tensor cores
     "L4": (121e12, 30e12), "A10G": (125e12, 31e12), "L40S": (362e12, 91.6e12),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+STEP_REPORT_S = 0.5                # at most this often rank 0 sends its step to the board
 
 
 # ---- where the loop runs ------------------------------------------------------------------
@@ -277,6 +278,7 @@ def run_loop(spec: dict[str, Any], session: Session) -> dict[str, Any]:
     window_steps, paused, paused_cpu = 0, 0.0, 0.0   # paused: evaluation inside the window
     loss_sum, loss_count = torch.zeros((), device=device), 0
     comm_mark = wan.meter.snapshot()
+    next_tick = 0.0                    # when rank 0 next tells the board its step
     for step in range(start_step, t.steps):
         lr = lr_at(step, t)
         for group in optimizer.param_groups:
@@ -301,11 +303,15 @@ def run_loop(spec: dict[str, Any], session: Session) -> dict[str, Any]:
         cursor += per_step
         tokens_seen += tokens_per_step
         window_steps += 1
-        if rank == 0 and board is not None:
-            board.step_done.remote(done)
 
         log = done % t.log_interval == 0 or done == t.steps
         save = done % t.checkpoint_interval == 0 or done == t.steps
+        if rank == 0 and board is not None and (log or save or time.monotonic() >= next_tick):
+            # An actor call per step cost rank 0 (and so both ranks, which wait for it at the
+            # next all-reduce) an RPC per step; twice a second is enough for the progress bar
+            # and for counting redone steps (a restart loses at most half a second of them).
+            board.step_done.remote(done)
+            next_tick = time.monotonic() + STEP_REPORT_S
         if done % t.eval_interval == 0 or done == t.steps:
             began, began_cpu = time.perf_counter(), time.process_time()
             history.append([done, evaluate()])
@@ -351,8 +357,19 @@ def run_loop(spec: dict[str, Any], session: Session) -> dict[str, Any]:
         metrics = {**common, "step": start_step, "steps": t.steps, "eval_loss": history[-1][1],
                    "eval_history": history, "tokens_seen": tokens_seen}
         session.report(metrics, None, start_step)
+    # End to end: from this attempt's first step until its last checkpoint is saved and, under
+    # Ray Train, committed (report() waits for that), every log, eval and checkpoint included.
+    seconds = time.perf_counter() - loop_start
+    summary = {"attempt_steps": t.steps - start_step, "attempt_seconds": seconds,
+               "end_to_end_tokens_per_s": (t.steps - start_step) * tokens_per_step / seconds
+               if seconds > 0 else None}
+    if rank == 0 and board is not None:
+        import ray
+
+        with contextlib.suppress(Exception):   # the record is the driver's; never fail on it
+            ray.get(board.finish.remote(summary), timeout=30)
     session.finished(raw)
-    return metrics
+    return {**metrics, **summary}
 
 
 def _save(tmp: str, raw: torch.nn.Module, optimizer: Any, scaler: Any, wan: Any,
@@ -373,7 +390,8 @@ def _save(tmp: str, raw: torch.nn.Module, optimizer: Any, scaler: Any, wan: Any,
         meta={"data_class": spec["data_class"], "site": s["site"], "tokenizer": TOKENIZER,
               "run": spec.get("run_name"), "cluster": spec.get("cluster"),
               "dataset": spec.get("corpus_address"), "step": s["step"],
-              "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+              "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+        signing_key=bytes.fromhex(spec["meta_key"]) if spec.get("meta_key") else None)
     return tmp
 
 

@@ -69,12 +69,13 @@ def plan_run(config: TrainConfig, cluster: Any, model_fn: Any = None) -> RunPlan
     topology: Topology = cluster.topology
     t = config.train
     data_addr = parse_address(config.data.output, topology)
-    classes = {DataClass(config.data.data_class)}
+    classes = {DataClass(config.data.data_class or topology.default_data_class)}
     kind = _model_kind(config, model_fn)
     init = None
     if config.model.init_from:
         init = _resolve_checkpoint(config.model.init_from, topology)
-        meta, init_config, state = ckpt.inspect_checkpoint(init["uri"])
+        meta, init_config, state = ckpt.inspect_checkpoint(
+            init["uri"], **_signing(cluster, topology))
         classes.add(DataClass(meta["data_class"]))
         if isinstance(kind, GPTKind) and isinstance(init_config, GPTConfig):
             kind = GPTKind(init_config.model_copy(update={"dropout": config.model.dropout}))
@@ -103,11 +104,15 @@ def plan_run(config: TrainConfig, cluster: Any, model_fn: Any = None) -> RunPlan
                          f"{topology.name!r} (sites: {', '.join(topology.sites)})")
     site = topology.sites[storage_site]
     if not site.may_hold(data_class):
-        raise PlacementRefused(
+        refusal = PlacementRefused(
             f"{config.name}: checkpoints inherit the data's class {data_class.value}, and "
             f"site {storage_site!r} may hold up to {site.max_data_class.value}",
             rule="residency", fix="set checkpoint.site to a site allowed for "
             f"{data_class.value}: {', '.join(topology.sites_by_class[data_class])}")
+        cluster.audit.refusal(refusal, what="train checkpoint", workload=config.name,
+                              site=storage_site, data_class=data_class.value,
+                              cluster=topology.name)
+        raise refusal
     fs, base = site_filesystem(site)
     storage_path = f"{base}/{config.checkpoint.path.strip('/')}" if base else \
         config.checkpoint.path.strip("/")
@@ -116,7 +121,8 @@ def plan_run(config: TrainConfig, cluster: Any, model_fn: Any = None) -> RunPlan
 
     run_name = config.name if t.resume == "auto" else \
         f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    resume_step = _vet_resume(fs, f"{storage_path}/{run_name}", kind, data_class)
+    resume_step = _vet_resume(fs, f"{storage_path}/{run_name}", kind, data_class,
+                              _signing(cluster, topology))
     name = f"{config.model.size} GPT" if isinstance(kind, GPTKind) and not init else kind.label
     return RunPlan(run_name=run_name, data_class=data_class, placement=placement,
                    model_config=kind.config.model_dump(), storage_site=storage_site,
@@ -193,14 +199,23 @@ def _check_elastic(config: Any, topology: Any, data_class: DataClass) -> None:
             f"placed. Use a fixed train.workers (e.g. {t.min_workers})")
 
 
-def _vet_resume(fs: Any, run_dir: str, kind: ModelKind, data_class: DataClass
-                ) -> int | None:
+def _signing(cluster: Any, topology: Topology) -> dict[str, Any]:
+    """The cluster's checkpoint signing key and default class, for ``inspect_checkpoint``."""
+    from hybridray.storage.secrets import ClusterSecrets
+
+    home = getattr(getattr(cluster, "state", None), "home", None)
+    return {"signing_key": ClusterSecrets(topology.name, home).signing_key(),
+            "default_class": topology.default_data_class.value}
+
+
+def _vet_resume(fs: Any, run_dir: str, kind: ModelKind, data_class: DataClass,
+                signing: dict[str, Any] | None = None) -> int | None:
     """The step a resumed run continues from (None: fresh), after checking its checkpoint
     fits this run: same model shape, a class no higher than this run's."""
     from hybridray.train import checkpoint as ckpt
 
     for reader in ckpt.complete_checkpoints(fs, run_dir):
-        meta, have, state = ckpt.inspect_checkpoint(reader)
+        meta, have, state = ckpt.inspect_checkpoint(reader, **(signing or {}))
         ckpt.check_fits(reader, have, kind)
         if DataClass(meta["data_class"]) > data_class:
             raise TrainError(f"{reader.where(ckpt.META_FILE)}: the run's checkpoints are "

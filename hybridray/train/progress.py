@@ -3,7 +3,7 @@
 Ray Train keeps only the metrics of the last report; users want to watch every log interval,
 and a restart must be visible (and its redone steps counted) even though the worker group
 that reported before it is gone. So rank 0 also sends each step and log record to a small
-actor on the head node, which outlives any worker node, and the driver polls it.
+actor on the driver's own node (it outlives any worker node), and the driver polls it.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from hybridray import labels as L
 from hybridray.train.config import TrainConfig
 
 
@@ -25,6 +24,7 @@ class Board:
         self.attempts: list[dict[str, Any]] = []
         self.logs: list[dict[str, Any]] = []
         self.step = 0
+        self.summary: dict[str, Any] | None = None
 
     def start(self, step: int, resumed: bool, sites: list[str]) -> None:
         self.attempts.append({"start_step": step, "max_step": step, "resumed": resumed,
@@ -39,19 +39,27 @@ class Board:
     def log(self, metrics: dict[str, Any]) -> None:
         self.logs.append(metrics)
 
+    def finish(self, summary: dict[str, Any]) -> None:
+        """The last attempt's end-to-end figures, sent once its last checkpoint committed."""
+        self.summary = summary
+
     def poll(self, since: int) -> dict[str, Any]:
-        return {"attempts": self.attempts, "logs": self.logs[since:], "step": self.step}
+        return {"attempts": self.attempts, "logs": self.logs[since:], "step": self.step,
+                "summary": self.summary}
 
 
-def head_node_strategy():
-    """Keep the progress board on the head (it outlives any worker node), else here."""
+def driver_node_strategy():
+    """Keep the progress board on the driver's own node, hard.
+
+    It must outlive any worker node: the record of a run that lost a node is the point of
+    it. A soft preference for the head let Ray put it elsewhere when the head looked busy,
+    and it died with the node the chaos test killed (the restart went unrecorded). The
+    driver's node is the one node whose loss ends the run anyway: the driver dies with it.
+    """
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    head = next((n["NodeID"] for n in ray.nodes() if n.get("Alive")
-                 and (n.get("Labels") or {}).get(L.ROLE) == "head"),
-                ray.get_runtime_context().get_node_id())
-    return NodeAffinitySchedulingStrategy(head, soft=True)
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
 
 
 class Watcher:
@@ -70,6 +78,7 @@ class Watcher:
         self.attempts: list[dict[str, Any]] = []
         self.logs: list[dict[str, Any]] = []
         self.step = 0
+        self.summary: dict[str, Any] | None = None
         self.error: str | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -91,7 +100,7 @@ class Watcher:
     def state(self) -> dict[str, Any]:
         with self._lock:
             return {"attempts": list(self.attempts), "logs": list(self.logs),
-                    "step": self.step, "error": self.error}
+                    "step": self.step, "summary": self.summary, "error": self.error}
 
     def poll(self, timeout: float = 10.0) -> bool:
         import ray
@@ -106,6 +115,7 @@ class Watcher:
             self.attempts = list(state["attempts"])
             self.logs.extend(state["logs"])
             self.step, self.error = state["step"], None
+            self.summary = state.get("summary") or self.summary
         if self.on_update:
             self.on_update(new_attempts, state["logs"], state["step"])
         return True

@@ -25,7 +25,7 @@ from hybridray.exceptions import ClusterError, HybridRayError, TrainError
 from hybridray.storage.fs import site_filesystem
 from hybridray.train.config import TrainConfig, config_from_dict, load_train_config
 from hybridray.train.plan import RunPlan, plan_run
-from hybridray.train.progress import Board, Display, Watcher, head_node_strategy
+from hybridray.train.progress import Board, Display, Watcher, driver_node_strategy
 
 __all__ = ["RunPlan", "TrainResult", "as_config", "build_trainer", "plan_run", "train"]
 
@@ -44,7 +44,7 @@ class TrainResult:
     workers_per_site: dict[str, int]
     planned_sites: list[str]             # what the placement assigned
     eval_history: list[list[float]]
-    tokens_per_s: float | None
+    tokens_per_s: float | None           # steady: log windows after the first, steps only
     mfu: float | None
     wan: dict[str, Any]
     attempts: list[dict[str, Any]]
@@ -52,6 +52,8 @@ class TrainResult:
     elapsed_s: float
     corpus: str
     progress_error: str | None = None    # set when the progress record may be incomplete
+    # the last attempt, first step to last checkpoint committed (logs, evals, checkpoints in)
+    end_to_end_tokens_per_s: float | None = None
     history: list[dict[str, Any]] = field(repr=False, default_factory=list)  # per log interval
     metrics: dict[str, Any] = field(repr=False, default_factory=dict)
     ray_result: Any = field(repr=False, default=None)
@@ -91,7 +93,7 @@ def build_trainer(config: TrainConfig, plan: RunPlan, corpus: Any, cluster: Any,
                   board: Any = None):
     """The ``TorchTrainer`` for a planned run (per-worker label selectors, site storage)."""
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     from hybridray.placement import compile as C
     from hybridray.train.loop import train_loop_per_worker
@@ -122,6 +124,9 @@ def build_trainer(config: TrainConfig, plan: RunPlan, corpus: Any, cluster: Any,
         "corpus": corpus.data, "corpus_address": str(corpus.address),
         "init_from": plan.init_from, "run_name": plan.run_name, "cluster": cluster.name,
         "board": board,
+        # Signs each checkpoint's hybridray.json in the workers (which run only at sites
+        # allowed for the data's class, like the data's own keys).
+        "meta_key": _signing_key(cluster).hex(),
     }
     callbacks = [_restart_placement(C.site_selector(plan.placement, plan.placement.sites[0]),
                                     plan.placement.sites)] if t.replace_on_restart else []
@@ -130,9 +135,65 @@ def build_trainer(config: TrainConfig, plan: RunPlan, corpus: Any, cluster: Any,
         storage_filesystem=plan.storage_fs, callbacks=callbacks,
         failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints))
-    return TorchTrainer(train_loop_per_worker, train_loop_config=spec, scaling_config=scaling,
-                        run_config=run_config,
-                        torch_config=TorchConfig(backend="nccl" if t.gpus_per_worker else "gloo"))
+    return _trainer_class()(
+        train_loop_per_worker, train_loop_config=spec, scaling_config=scaling,
+        run_config=run_config,
+        torch_config=TorchConfig(backend="nccl" if t.gpus_per_worker else "gloo"))
+
+
+def _trainer_class():
+    """``TorchTrainer`` whose Ctrl-C stops the run *and* the caller.
+
+    Ray Train's ``fit()`` installs a SIGINT handler of its own and never puts the previous
+    one back: the first Ctrl-C aborts the run and ``fit()`` returns as if all went well (the
+    CLI exited 0), and every later Ctrl-C in that process (a test run, a notebook) goes to
+    the handler of a run long finished. Here the caller's handler stays (Python's default
+    raises ``KeyboardInterrupt``); ``train`` then aborts the run (``_fit``).
+    """
+    from ray.train.torch import TorchTrainer
+
+    class Trainer(TorchTrainer):
+        controller = None
+
+        def _register_sigint_handler(self, controller):
+            self.controller = controller      # and no handler of Ray's
+
+    return Trainer
+
+
+def _fit(trainer: Any) -> Any:
+    """``trainer.fit()``; on Ctrl-C the run is aborted (workers stopped) before re-raising,
+    and the SIGINT handler is what it was before, in every case."""
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        return trainer.fit()
+    except KeyboardInterrupt:
+        _abort(trainer.controller)
+        raise
+    finally:
+        if main and previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _abort(controller: Any, timeout: float = 30.0) -> None:
+    """Stop an interrupted run: Ray Train's own abort (it stops the worker group), then the
+    controller itself; bounded, so a second Ctrl-C is never needed."""
+    import ray
+
+    if controller is None:
+        return
+    try:
+        ray.get(controller.abort.remote(), timeout=timeout)
+    except Exception:
+        pass
+    try:
+        ray.kill(controller, no_restart=True)
+    except Exception:
+        pass
 
 
 def _restart_placement(selector: dict[str, str], sites: list[str]):
@@ -152,6 +213,22 @@ def _restart_placement(selector: dict[str, str], sites: list[str]):
             return None if self.starts == 1 else dict(anywhere)
 
     return RestartAtAllowedSites()
+
+
+def _signing_key(cluster: Any) -> bytes:
+    from hybridray.storage.secrets import ClusterSecrets
+
+    home = getattr(getattr(cluster, "state", None), "home", None)
+    return ClusterSecrets(cluster.name, home).signing_key()
+
+
+def with_default_class(config: TrainConfig, topology: Any) -> TrainConfig:
+    """``config`` with ``data.data_class`` set to the cluster's ``default_data_class`` when
+    the config declares none: one rule for undeclared data in workloads, sync and training."""
+    if config.data.data_class is not None:
+        return config
+    data = config.data.model_copy(update={"data_class": topology.default_data_class})
+    return config.model_copy(update={"data": data})
 
 
 def train(config: TrainConfig | str | os.PathLike | dict, cluster: Any = None, *,
@@ -191,6 +268,7 @@ def train(config: TrainConfig | str | os.PathLike | dict, cluster: Any = None, *
         raise ClusterError("the cluster is not connected; use hybridray.connect(NAME)")
     show = config.metrics.progress if progress is None else progress
     started = time.time()
+    config = with_default_class(config, cluster.topology)
     plan = plan_run(config, cluster, model_fn=model)
     cluster.audit.record("train-start", cluster=cluster.name, run=plan.run_name,
                          data_class=plan.data_class.value, sites=plan.placement.assign(
@@ -199,7 +277,7 @@ def train(config: TrainConfig | str | os.PathLike | dict, cluster: Any = None, *
     corpus = prepare_corpus(config.data, cluster.topology, cluster=cluster, name=config.name,
                             progress=show)
     board = ray.remote(num_cpus=0)(Board).options(
-        scheduling_strategy=head_node_strategy(),
+        scheduling_strategy=driver_node_strategy(),
         name=f"hybridray-train-{uuid.uuid4().hex[:8]}").remote()
     trainer = build_trainer(config, plan, corpus, cluster, board)
     display = Display(config, plan) if show else None
@@ -209,7 +287,7 @@ def train(config: TrainConfig | str | os.PathLike | dict, cluster: Any = None, *
             display.start()
         watcher.start()
         try:
-            result = trainer.fit()
+            result = _fit(trainer)
         except Exception as e:
             raise _explain(e, plan) from None
         finally:
@@ -258,7 +336,7 @@ def _result(config: TrainConfig, plan: RunPlan, corpus: Any, cluster: Any, resul
     steady = logs[1:] or logs                # the first window includes compile/warm-up
     tps = sum(x["tokens_per_s"] for x in steady) / len(steady) if steady else None
     mfu = sum(x["mfu"] for x in steady) / len(steady) if steady else None
-    attempts = state["attempts"]
+    attempts = _attempts(state["attempts"], m)
     redone = sum(max(0, prev["max_step"] - cur["start_step"])
                  for prev, cur in zip(attempts, attempts[1:], strict=False))
     wan_keys = ("wan_mode", "comm_bytes_per_step", "comm_bytes_per_step_all_ranks",
@@ -275,7 +353,20 @@ def _result(config: TrainConfig, plan: RunPlan, corpus: Any, cluster: Any, resul
         wan={k: last_wan.get(k) for k in wan_keys}, attempts=attempts, steps_redone=redone,
         elapsed_s=round(elapsed, 3), corpus=str(corpus.address), history=state["logs"],
         progress_error=state.get("error"),
+        end_to_end_tokens_per_s=(state.get("summary") or {}).get("end_to_end_tokens_per_s"),
         metrics=m, ray_result=result)
+
+
+def _attempts(seen: list[dict[str, Any]], final: dict[str, Any]) -> list[dict[str, Any]]:
+    """The attempts the progress record saw, completed from the final result: a run whose
+    last attempt resumed from a checkpoint says so in its own metrics, so a restart is never
+    lost even if the record missed it (its start and sites come from the checkpoint)."""
+    resumed = final.get("resumed_from_step")
+    if resumed is None or any(a["resumed"] and a["start_step"] == resumed for a in seen):
+        return list(seen)
+    return [*seen, {"start_step": resumed, "max_step": int(final.get("step", resumed)),
+                    "resumed": True, "sites": final.get("worker_sites", []),
+                    "started_at": None, "rebuilt_from": "checkpoint"}]
 
 
 def _audit(cluster: Any, out: TrainResult, plan: RunPlan) -> None:

@@ -72,6 +72,8 @@ INTERNAL_MASK = """\
 # hybridray sync onprem:PATH cloud-b:PATH --mask THIS (tickets down to internal)
 output_class: internal
 columns:
+  id: keep
+  created_at: keep
   customer_email: hash
   customer_phone: drop
   body: drop

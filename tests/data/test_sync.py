@@ -233,7 +233,8 @@ def test_encrypted_at_rest_destination_is_readable_only_with_cluster_keys(
         s3_cluster, onprem_root, name):
     write_tickets(onprem_root / name, files=2, rows=100)
     internal = {"output_class": "internal",
-                "columns": {"customer_email": "hash", "customer_phone": "drop",
+                "columns": {"id": "keep", "created_at": "keep",
+                            "customer_email": "hash", "customer_phone": "drop",
                             "body": "drop", "amount": {"rule": "generalize", "bucket": 100}}}
     result = sync_dataset(f"onprem:{name}", f"cloud-b:{name}", cluster=s3_cluster,
                           mask=internal)
@@ -334,8 +335,10 @@ def test_s3_endpoint_down_fails_fast_and_commits_nothing(s3_cluster, onprem_root
 def test_raw_value_left_by_the_rules_fails_the_sync(s3_cluster, onprem_root, name):
     write_tickets(onprem_root / name, files=2, rows=50)
     leaky = {"output_class": "confidential",
-             "columns": {"customer_email": "hash", "customer_phone": "drop"}}  # body forgotten
-    with pytest.raises(MaskingError, match=r"column 'body' holds what looks like"):
+             "columns": {"customer_email": "hash", "customer_phone": "drop", "id": "keep",
+                         "created_at": "keep", "amount": "keep"}}  # body forgotten
+    with pytest.raises(MaskingError, match=r"no rule for 1 column\(s\) above confidential: "
+                                           r"body \(restricted\)"):
         sync_dataset(f"onprem:{name}", f"cloud-a:{name}", cluster=s3_cluster, mask=leaky)
     assert store_of(s3_cluster, f"cloud-a:{name}").size(CURRENT) is None
 

@@ -228,8 +228,8 @@ def test_submit_with_a_site_runs_the_entrypoint_at_that_site(local_cluster, hybr
     from hybridray.cli import main
 
     (tmp_path / "hello.py").write_text("print('entrypoint ran')\n")
-    assert main(["submit", "--cluster", local_cluster.name, "--site", "cloud-b", "--working-dir",
-                 str(tmp_path), "--", "python", "hello.py"]) == 0
+    assert main(["submit", "--cluster", local_cluster.name, "--site", "cloud-b", "--data-class",
+                 "public", "--working-dir", str(tmp_path), "--", "python", "hello.py"]) == 0
     out = capsys.readouterr().out
     assert "entrypoint ran" in out and "its entrypoint ran at site cloud-b" in out, out
     records = AuditLog.for_cluster(local_cluster.name, hybridray_home).read("placement")

@@ -103,12 +103,14 @@ def test_live_capacity_orders_fastest_by_free_units(hr_cluster):
         def ready(self):
             return True
 
-    holder = hr_cluster.actor(Holder, Workload(cpus=1, site="cloud-a", burst=False))
+    holder = hr_cluster.actor(Holder, Workload(cpus=1, site="cloud-a", burst=False,
+                                              data_classes="public"))
     try:
         ray.get(holder.ready.remote())
         deadline = time.time() + 30
         while time.time() < deadline:  # resource views propagate asynchronously
-            placement = hr_cluster.place(Workload(cpus=1, preference="fastest"))
+            placement = hr_cluster.place(Workload(cpus=1, preference="fastest",
+                                                   data_classes="public"))
             if placement.sites[-1] == "cloud-a":
                 break
             time.sleep(0.5)
@@ -147,7 +149,7 @@ def test_guarded_actor_class_checks_its_node_before_init(hr_cluster):
             return where_am_i()
 
     wl = Workload(cpus=0.5, data_classes=["restricted"])
-    bad = ray.remote(_guard_class(Vault, wl)).options(
+    bad = ray.remote(_guard_class(Vault, wl.data_class)).options(
         num_cpus=0.5, label_selector={L.SITE: "cloud-a"}).remote()
     with pytest.raises(ray.exceptions.RayActorError) as e:
         ray.get(bad.site.remote())
@@ -181,6 +183,7 @@ def test_job_entrypoint_runs_on_the_selected_site(hr_cluster, local_cluster, tmp
     from hybridray.cluster import ray_env
 
     placement = decide(hr_cluster.topology, Workload(kind="job", cpus=0, site="cloud-b",
+                                                     data_classes="public",
                                                      burst=False))
     import ray
 

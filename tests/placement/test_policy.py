@@ -45,7 +45,7 @@ def test_highest_of_several_data_classes_governs(local):
 
 
 def test_cheapest_orders_by_estimated_cost(local):
-    p = decide(local, Workload(cpus=1))
+    p = decide(local, Workload(data_classes="public", cpus=1))
     assert p.sites == ["cloud-b", "cloud-a", "onprem"]  # 0.11/2 < 0.34/2 < 0.40/2 per CPU-h
     costs = [c.est_cost for c in p.candidates]
     assert costs == sorted(costs)
@@ -58,12 +58,13 @@ def test_onprem_first_bursts_to_cloud_in_cost_order(local):
 
 
 def test_no_spot_excludes_spot_pools(local):
-    p = decide(local, Workload(cpus=1, spot_ok=False))
+    p = decide(local, Workload(data_classes="public", cpus=1, spot_ok=False))
     assert "cloud-b" not in p.sites
 
 
 def test_near_data_prefers_the_data_site_then_fastest_link(local):
-    p = decide(local, Workload(cpus=1, data_site="cloud-a", preference="near-data"))
+    p = decide(local, Workload(data_classes="public", cpus=1, data_site="cloud-a",
+                               preference="near-data"))
     assert p.sites[0] == "cloud-a"
     assert p.sites[1] == "onprem"  # 1000 Mbit/s to cloud-a, vs 200 for cloud-b
 
@@ -71,16 +72,16 @@ def test_near_data_prefers_the_data_site_then_fastest_link(local):
 def test_egress_cost_can_outweigh_compute_price(local):
     # 100 GB living in cloud-a: moving it to cloud-b costs $2 of egress, more than the
     # compute saved, so the cheapest total is to stay at cloud-a.
-    wl = Workload(cpus=1, data_site="cloud-a", data_bytes=100 * 10**9)
+    wl = Workload(data_classes="public", cpus=1, data_site="cloud-a", data_bytes=100 * 10**9)
     p = decide(local, wl)
     assert p.sites[0] == "cloud-a"
     assert p.candidates[0].est_cost < p.candidates[-1].est_cost
 
 
 def test_named_site_first_then_burst_unless_disabled(local):
-    p = decide(local, Workload(cpus=1, site="cloud-a"))
+    p = decide(local, Workload(data_classes="public", cpus=1, site="cloud-a"))
     assert p.sites[0] == "cloud-a" and len(p.sites) == 3
-    p = decide(local, Workload(cpus=1, site="cloud-a", burst=False))
+    p = decide(local, Workload(data_classes="public", cpus=1, site="cloud-a", burst=False))
     assert p.sites == ["cloud-a"]
     assert p.excluded["onprem"] == "burst disabled"
 
@@ -95,7 +96,7 @@ def test_named_site_that_may_not_hold_the_data_is_refused_with_fix(local):
 
 
 def test_unknown_site_refused(local):
-    p = decide(local, Workload(cpus=1, site="mars"))
+    p = decide(local, Workload(data_classes="public", cpus=1, site="mars"))
     assert p.refusal.rule == "unknown-site" and "onprem" in p.refusal.fix
 
 
@@ -224,7 +225,7 @@ def test_guarded_decorator_checks_before_running(monkeypatch):
 
 def test_workload_validation_messages():
     with pytest.raises(ValueError, match="preference 'site' needs site"):
-        Workload(preference="site")
+        Workload(data_classes="public", preference="site")
     with pytest.raises(ValueError):
         Workload(data_classes=["secret"])
 
@@ -239,7 +240,7 @@ def test_long_fallback_lists_merge_their_tail_into_one_selector():
     from bench_placement import make_topology
 
     topo = make_topology(n_sites=20, nodes_per_site=4)
-    p = decide(topo, Workload(cpus=1))
+    p = decide(topo, Workload(data_classes="public", cpus=1))
     assert len(p.sites) == 20
     fb = task_options(p)["fallback_strategy"]
     assert len(fb) == MAX_ORDERED_FALLBACKS + 1

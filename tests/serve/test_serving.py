@@ -327,6 +327,75 @@ def test_a_request_past_its_deadline_answers_504_naming_the_limit(services):
     assert http("POST", f"{lm.url}/v1/completions", body)[0] == 200   # nothing died
 
 
+# ---- security: exact public paths, the inputs that answered 500, a schema fuzz -----------
+
+def test_only_the_exact_public_paths_skip_the_token(services):
+    embed, lm = services
+    assert http("GET", f"{lm.url}/healthz", token=None)[0] == 200      # under /t-lm
+    assert http("GET", f"{embed.url}/openapi.json", token=None)[0] == 200
+    for base in (embed.url, lm.url):
+        for path in ("/v1/models/healthz", "/v1/openapi.json", "/v1/models/docs",
+                     "/x/healthz"):
+            status, _, body = http("GET", base + path, token=None)
+            assert status == 401 and body["error"]["code"] == "missing_token", (base, path)
+
+
+def test_the_inputs_that_answered_500_are_served_or_refused_at_their_cause(services):
+    _, lm = services
+    url = f"{lm.url}/v1/completions"
+    status, _, body = http("POST", url, {"model": "gpt", "prompt": "The", "max_tokens": 4,
+                                         "temperature": 1e-320})
+    assert status == 200 and body["choices"][0]["finish_reason"] in ("stop", "length"), body
+    status, _, body = http("POST", url, {"model": "gpt", "prompt": "The", "max_tokens": 4,
+                                         "logit_bias": {"\u00b2": 1}})
+    assert status == 422 and "token ids" in body["error"]["message"], body
+
+
+def _fuzz(strategy, base: str, budget: float, calls, failures):
+    """A Hypothesis test sending ``strategy``'s cases to ``base`` (bounded examples/time)."""
+    import hypothesis
+
+    @hypothesis.settings(max_examples=12, deadline=None, database=None, derandomize=True,
+                         suppress_health_check=list(hypothesis.HealthCheck))
+    @hypothesis.given(case=strategy)
+    def fuzz(case):
+        if time.monotonic() > budget:
+            return
+        response = case.call(base_url=base, headers={"Authorization": f"Bearer {TOKEN}"},
+                             timeout=60)
+        calls[response.status_code // 100] += 1
+        if response.status_code >= 500:
+            failures.append(f"{case.method} {case.path} {case.body!r:.200} -> "
+                            f"{response.status_code} {response.text[:200]}")
+        elif response.status_code >= 400:
+            assert response.json()["error"]["message"], response.text[:200]
+
+    return fuzz
+
+
+def test_schemathesis_finds_no_5xx_in_either_openapi_document(services):
+    """Every input either OpenAPI document admits (and ones it does not) is served or gets a
+    4xx in the OpenAI error shape; bounded by examples per operation and a time budget."""
+    import hypothesis
+    import schemathesis
+    from schemathesis import GenerationMode
+
+    embed, lm = services
+    budget = time.monotonic() + 75
+    failures, calls = [], collections.Counter()
+    for base in (embed.url, lm.url):
+        schema = schemathesis.openapi.from_url(f"{base}/openapi.json", timeout=30)
+        for result in schema.get_all_operations():
+            op = result.ok()
+            for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+                try:
+                    _fuzz(op.as_strategy(mode), base, budget, calls, failures)()
+                except hypothesis.errors.Unsatisfiable:
+                    calls["no case"] += 1  # e.g. no invalid input exists for GET /healthz
+    assert failures == [], failures[:5]
+    assert calls[2] > 0 and calls[4] > 0, calls
+
+
 # ---- failures and scaling ------------------------------------------------------------------
 
 class Load:

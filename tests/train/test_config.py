@@ -32,7 +32,7 @@ def test_every_shipped_config_loads_and_says_how_to_run_it(path):
 def test_defaults_are_the_stdlib_restricted_corpus():
     config = parse_train_config("")
     assert config.data.source == "stdlib"
-    assert config.data.data_class.value == "restricted"
+    assert config.data.data_class is None  # the cluster's default_data_class (restricted)
     assert config.wan.mode == "fp32" and config.train.precision == "fp32"
 
 

@@ -158,7 +158,8 @@ models:
     while ((sum(answered["steady"].values()) < STEADY or not answered["steady"]["cloud-b"]
             or training_step() < TRAIN_WARM_STEPS) and time.monotonic() - t0 < DEADLINE_S):
         time.sleep(0.5)
-    phase("loaded", answered=dict(answered["steady"]), training=trainer.is_alive())
+    phase("loaded", answered=dict(answered["steady"]), training=trainer.is_alive(),
+          training_step=training_step())
 
     wait_for("cut")
     cut_at = time.time()

@@ -100,8 +100,10 @@ def on_head(state, argv: list[str], env: dict) -> dict:
         out = f.name
     proc = subprocess.run(driver_argv(state, [sys.executable, __file__, *argv, "--out", out]),
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=1800)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(argv)} failed:\n{proc.stderr[-4000:]}")
+    if proc.returncode != 0:  # reported in the table, the other runs go on
+        last = [line for line in proc.stderr.splitlines() if "Error" in line][-1:] or ["?"]
+        print(f"{' '.join(argv)} failed:\n{proc.stderr[-4000:]}", file=sys.stderr)
+        return {"failed": last[0][-300:]}
     data = json.loads(Path(out).read_text())
     os.unlink(out)
     return data
@@ -180,8 +182,10 @@ def main(argv: list[str] | None = None) -> int:
             for mode in modes:
                 runs[mode].append(on_head(state, ["--inner-train", state.name, mode,
                                                   *passthrough], env))
-            syncs.append(on_head(state, ["--inner-sync", state.name,
-                                         f"--sync-mib={args.sync_mib}"], env))
+            sync = on_head(state, ["--inner-sync", state.name, f"--sync-mib={args.sync_mib}"],
+                           env)
+            if "failed" not in sync:
+                syncs.append(sync)
     finally:
         down(state.name, home=home)
     load_after = load()
@@ -198,16 +202,23 @@ def main(argv: list[str] | None = None) -> int:
     print("| run | each repeat: tokens/s | median tokens/s | spread | vs plain DDP | "
           "eval loss (median) | WAN bytes/step |")
     print("|---|---|---:|---:|---:|---:|---:|")
-    base = statistics.median(r["tokens_per_s"] for r in runs[modes[0]])
+    base = statistics.median(r["tokens_per_s"] for r in runs[modes[0]]
+                             if "failed" not in r) if modes[0] == "fp32" else 0
     for mode in modes:
+        failed = [r["failed"] for r in runs[mode] if "failed" in r]
+        runs[mode] = [r for r in runs[mode] if "failed" not in r]
+        if not runs[mode]:
+            print(f"| wan.mode={mode} | failed: {failed[0][:160]} | | | | | |")
+            continue
         tps = [r["tokens_per_s"] for r in runs[mode]]
         loss = statistics.median(r["eval_loss"] for r in runs[mode])
         wan_bytes = statistics.median(r["cross_site_bytes_per_step"] for r in runs[mode])
         label = "plain DDP (fp32 all-reduce)" if mode == "fp32" else f"wan.mode={mode}"
         print(f"| {label} | {', '.join(f'{x:,.0f}' for x in tps)} | "
               f"{statistics.median(tps):,.0f} | {spread(tps):,.0f} | "
-              f"{statistics.median(tps) / base:.2f}x | {loss:.4f} | {wan_bytes / 1e6:.2f} MB |")
-    sync_rates = [s["mbit_per_s"] for s in syncs]
+              f"{statistics.median(tps) / base if base else float('nan'):.2f}x | {loss:.4f} | "
+              f"{wan_bytes / 1e6:.2f} MB |" + (f" ({len(failed)} failed)" if failed else ""))
+    sync_rates = [s["mbit_per_s"] for s in syncs] or [float("nan")]
     print(f"| raw TCP onprem -> cloud-a (16 MiB) | {', '.join(f'{x:.1f}' for x in tcp)} "
           f"Mbit/s | {statistics.median(tcp):.1f} Mbit/s | {spread(tcp):.1f} | "
           f"{statistics.median(tcp) / args.mbps:.2f}x of the link | | |")
@@ -215,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{', '.join(f'{x:.1f}' for x in sync_rates)} Mbit/s | "
           f"{statistics.median(sync_rates):.1f} Mbit/s | {spread(sync_rates):.1f} | "
           f"{statistics.median(sync_rates) / args.mbps:.2f}x of the link | | |")
-    sites = {m: runs[m][0]["sites"] for m in modes}
+    sites = {m: runs[m][0]["sites"] for m in modes if runs[m]}
     print(f"\nworker sites: {sites}")
     return 0
 

@@ -182,6 +182,7 @@ def links(facts: dict[str, Any], path: Path) -> Path | None:
                                 xycoords=("data", "axes fraction"), va="top")
         ax.set_ylabel("Mbit/s")
         ax.set_yscale("symlog", linthresh=0.1)
+        ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper left")
     axes[-1, 0].set_xlabel("seconds since the demo started")

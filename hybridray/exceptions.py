@@ -9,7 +9,8 @@ Hierarchy::
     ├── ConfigError                 a cluster file (or override) is invalid
     ├── PlacementRefused            no site may or can run a workload
     │   └── ResidencyViolation      a node was asked to touch data above its class
-    ├── ClusterError                bringing a local cluster up/down or connecting failed
+    │       └── NodeNotMember       the node is not a recorded member of the cluster (drift)
+    ├── ClusterError                bringing a cluster up/down, attaching or connecting failed
     │   ├── ClusterNotFound         no recorded cluster of that name
     │   └── NetnsError              namespace hosts cannot be made here (not root) or failed
     ├── PlanInfeasible              the cost planner cannot meet the demand
@@ -68,8 +69,16 @@ class ResidencyViolation(PlacementRefused):
         return _rebuild, (type(self), (self.message,), {"fix": self.fix})
 
 
+class NodeNotMember(ResidencyViolation):
+    """Raised inside a worker whose node is not a recorded member of the cluster: it joined
+    without ``hybridray up``/``attach``/``admit`` (drift), so it may not run placed work."""
+
+    def __init__(self, message: str, *, fix: str):
+        PlacementRefused.__init__(self, message, rule="drift", fix=fix)
+
+
 class ClusterError(HybridRayError):
-    """Starting, stopping or connecting to a hybridray cluster failed."""
+    """Starting, stopping, attaching or connecting to a hybridray cluster failed."""
 
 
 class ClusterNotFound(ClusterError):

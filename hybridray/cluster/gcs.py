@@ -9,6 +9,7 @@ kept in this one module; hybridray pins Ray to 2.60.x.
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,25 @@ from hybridray.cluster.auth import token_auth
 from hybridray.cluster.plan import NODE
 
 ALIVE = 0  # GcsNodeInfo.GcsNodeState.ALIVE
+KV_NAMESPACE = b"hybridray"
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` (or ``[V6]:PORT``) as a pair; ValueError when it is not one."""
+    host, sep, port = address.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{address!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def reachable(address: str, timeout: float = 2.0) -> bool:
+    """Whether anything accepts a TCP connection at ``address`` (no Ray involved)."""
+    try:
+        host, port = split_address(address)
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 @dataclass
@@ -26,6 +46,8 @@ class GcsNode:
     key: str | None            # the hybridray.io/node label (None: not started by hybridray)
     alive: bool
     temp_dir: str = ""         # the node's Ray --temp-dir, which tells two attempts apart
+    address: str = ""          # the node's IP as Ray advertises it
+    started_ms: int = 0        # when the node registered (epoch milliseconds; 0: unknown)
     labels: dict[str, str] = field(default_factory=dict)
     total: dict[str, float] = field(default_factory=dict)
     available: dict[str, float] = field(default_factory=dict)
@@ -59,6 +81,23 @@ class GcsView:
         self._client = None
         self._auth.__exit__(*exc)
 
+    # Ray's internal KV, namespace ``hybridray`` (see ``mirror.py``)
+    def kv_put(self, key: str, value: str | bytes, timeout: float = 5) -> None:
+        data = value.encode() if isinstance(value, str) else value
+        self._client.internal_kv_put(key.encode(), data, True, KV_NAMESPACE, timeout=timeout)
+
+    def kv_get(self, key: str | bytes, timeout: float = 5) -> bytes | None:
+        raw = key.encode() if isinstance(key, str) else key
+        return self._client.internal_kv_get(raw, KV_NAMESPACE, timeout=timeout)
+
+    def kv_keys(self, prefix: str, timeout: float = 5) -> list[bytes]:
+        return list(self._client.internal_kv_keys(prefix.encode(), KV_NAMESPACE,
+                                                  timeout=timeout) or [])
+
+    def kv_del(self, key: str | bytes, timeout: float = 5) -> None:
+        raw = key.encode() if isinstance(key, str) else key
+        self._client.internal_kv_del(raw, False, KV_NAMESPACE, timeout=timeout)
+
     def nodes(self, timeout: float = 5) -> list[GcsNode]:
         """Every node the GCS has seen, alive or dead, with totals and (alive) availability."""
         infos = self._client.get_all_node_info(timeout=timeout)
@@ -75,6 +114,8 @@ class GcsView:
             labels = dict(info.labels)
             out.append(GcsNode(
                 node_id=hex_id, key=labels.get(NODE), alive=info.state == ALIVE,
-                temp_dir=info.temp_dir, labels=labels, total=dict(info.resources_total),
+                temp_dir=info.temp_dir, address=getattr(info, "node_manager_address", ""),
+                started_ms=int(getattr(info, "start_time_ms", 0) or 0),
+                labels=labels, total=dict(info.resources_total),
                 available=available.get(hex_id, {})))
         return out

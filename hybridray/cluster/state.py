@@ -1,4 +1,11 @@
-"""What hybridray knows about a local cluster, kept on disk so any later process can find it.
+"""The cluster record: what hybridray knows about a cluster, kept on disk for any later process.
+
+One record however the cluster came to be. ``hybridray up`` writes it for the processes it
+starts; ``hybridray attach`` writes the same record for a cluster it did not start (no
+processes, only an address, credentials and a topology). Every command and
+``hybridray.connect()`` read only this record: address, auth (token path), TLS files,
+dashboard URL, topology, and the **members** — the Ray nodes known to belong. A live node that
+is not a member is drift and never receives placed work (``membership.py``).
 
 ``hybridray up`` may exit long before ``hybridray down`` runs, in another shell or after a
 reboot, so everything needed to reach or stop a cluster lives in
@@ -93,8 +100,30 @@ class NodeRecord:
 
 
 @dataclass
+class Member:
+    """A Ray node known to belong to the cluster: placed work may run on it."""
+
+    node_id: str              # Ray's node id (hex); Ray sets the ray.io/node-id label from it
+    site: str
+    key: str | None = None    # the hybridray.io/node label, when the node carries one
+    pool: str | None = None
+    admitted_at: str = ""
+    how: str = "up"           # up | attach | admit | autoscaler | ...
+
+
+ORIGIN_UP = "up"
+ORIGIN_ATTACH = "attach"
+
+
+@dataclass
 class ClusterState:
-    """A cluster started by ``hybridray up``: where it is, how to reach it, what runs."""
+    """A recorded cluster: where it is, how to reach it, which nodes belong, what runs.
+
+    ``origin`` says how it came to be: ``up`` (hybridray started its processes, listed in
+    ``nodes``) or ``attach`` (an operator runs it; ``nodes`` is empty and liveness comes from
+    the GCS only). ``members`` lists the node ids that belong; for ``up`` they are the nodes it
+    started.
+    """
 
     name: str
     address: str                      # GCS host:port
@@ -113,23 +142,46 @@ class ClusterState:
     tls: dict[str, str] = field(default_factory=dict)  # RAY_USE_TLS + paths, when TLS is on
     netns: dict[str, Any] = field(default_factory=dict)  # namespace hosts (netns.NetRecord)
     version: int = STATE_VERSION
+    origin: str = ORIGIN_UP
+    dashboard_address: str | None = None   # attach: the URL given (up derives it from ports)
+    members: list[Member] = field(default_factory=list)
 
     @property
     def state_dir(self) -> Path:
         return clusters_dir(self.home) / self.name
 
     @property
+    def attached(self) -> bool:
+        """True for a cluster hybridray did not start (no processes of its own to stop)."""
+        return self.origin == ORIGIN_ATTACH
+
+    @property
     def dashboard_url(self) -> str | None:
-        """``http://HOST:PORT`` when the dashboard (and so ``ray job submit``) is on: loopback
-        for a local cluster, the head's own address for namespace hosts."""
-        if not self.dashboard:
+        """The dashboard (and Jobs API) URL, or None when the cluster has none: the URL
+        attach recorded; for ``up``, loopback for a local cluster, the head's own address
+        for namespace hosts."""
+        if self.dashboard_address:
+            return self.dashboard_address
+        if not self.dashboard or "dashboard" not in self.ports:
             return None
         host = self.address.rsplit(":", 1)[0] if self.netns else "127.0.0.1"
         return f"http://{host}:{self.ports['dashboard']}"
 
     @property
     def head(self) -> NodeRecord:
-        return next(n for n in self.nodes if n.role == "head")
+        """The head's process record (``up`` clusters only)."""
+        head = next((n for n in self.nodes if n.role == "head"), None)
+        if head is None:
+            raise ClusterError(f"cluster {self.name!r} was attached, so hybridray has no "
+                               "process of its own for its head")
+        return head
+
+    def member_ids(self) -> set[str]:
+        """Node ids that belong. A record written before membership existed counts the
+        nodes ``up`` started."""
+        if self.members:
+            return {m.node_id for m in self.members}
+        return {n.node_id for n in self.nodes if n.node_id}
 
     def topology(self) -> Topology:
         """The topology this cluster runs, reloaded from its file and overrides.
@@ -153,7 +205,8 @@ class ClusterState:
     def from_json(cls, data: dict[str, Any]) -> ClusterState:
         data = dict(data)
         nodes = [NodeRecord(**n) for n in data.pop("nodes", [])]
-        return cls(**data, nodes=nodes)
+        members = [Member(**m) for m in data.pop("members", [])]
+        return cls(**data, nodes=nodes, members=members)
 
 
 def now_iso() -> str:
@@ -179,7 +232,7 @@ def save_state(state: ClusterState) -> None:
 
 
 def load_state(name: str, *, home: str | os.PathLike | None = None) -> ClusterState:
-    """The recorded state of cluster ``name``.
+    """The record of cluster ``name`` (started by ``up`` or recorded by ``attach``).
 
     Raises:
         ClusterNotFound: nothing is recorded under that name (the message lists what is).
@@ -192,7 +245,8 @@ def load_state(name: str, *, home: str | os.PathLike | None = None) -> ClusterSt
             raise ClusterNotFound(f"cluster {name!r} is down; start it with "
                                   f"hybridray up FILE (recorded clusters: {known})")
         raise ClusterNotFound(f"no cluster named {name!r} under {clusters_dir(home)} "
-                              f"(recorded clusters: {known}); start one with hybridray up FILE")
+                              f"(recorded clusters: {known}); start one with hybridray up "
+                              "FILE, or record one you run with hybridray attach")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         if data.get("version") != STATE_VERSION:
@@ -213,14 +267,16 @@ def list_clusters(home: str | os.PathLike | None = None) -> list[str]:
 
 
 @contextlib.contextmanager
-def cluster_lock(name: str, home: str | os.PathLike | None = None) -> Iterator[None]:
-    """Serialise ``up``/``down`` of one cluster name across processes."""
+def cluster_lock(name: str, home: str | os.PathLike | None = None, *,
+                 wait: bool = False) -> Iterator[None]:
+    """Serialise ``up``/``down``/``attach``/``admit`` of one cluster name across processes
+    (``wait``: block until the other one is done instead of refusing)."""
     root = clusters_dir(home)
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(root / f".{name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             raise ClusterError(f"another hybridray up/down of {name!r} is running; wait for it "
                                "to finish") from None

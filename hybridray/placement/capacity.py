@@ -1,4 +1,9 @@
-"""How many units of a workload fit at each site: at full size (topology) or now (live Ray)."""
+"""How many units of a workload fit at each site: at full size (topology) or now (live Ray).
+
+``avoid`` carries the live nodes placement must stay off (drift: node id -> why, from
+``hybridray.cluster.membership``): they add no capacity, and ``decide`` hands them to the
+placement so the compiler excludes them from every selector.
+"""
 
 from __future__ import annotations
 
@@ -30,8 +35,10 @@ class NodeCapacity:
 class Capacity:
     """Per-site node capacity, with ``units`` memoised per workload shape."""
 
-    def __init__(self, nodes: list[NodeCapacity], *, live: bool):
+    def __init__(self, nodes: list[NodeCapacity], *, live: bool,
+                 avoid: dict[str, str] | None = None):
         self.live = live
+        self.avoid = dict(avoid or {})
         self.by_site: dict[str, list[NodeCapacity]] = defaultdict(list)
         for node in nodes:
             self.by_site[node.site].append(node)
@@ -39,35 +46,40 @@ class Capacity:
         self.memo: dict[tuple, object] = {}  # the policy's per-shape results
 
     @classmethod
-    def from_topology(cls, topology: Topology) -> Capacity:
+    def from_topology(cls, topology: Topology, *, avoid: dict[str, str] | None = None
+                      ) -> Capacity:
         """Every pool at its maximum size, all free (what the topology could offer)."""
         nodes = [
             NodeCapacity(name, p.name, p.cpus, p.cpus, p.gpus, p.gpus, p.accelerator, p.spot,
                          p.max_nodes)
             for name, site in topology.sites.items() for p in site.pools if p.max_nodes > 0
         ]
-        return cls(nodes, live=False)
+        return cls(nodes, live=False, avoid=avoid)
 
     @classmethod
-    def from_ray(cls) -> Capacity:
-        """What the connected Ray cluster has now: alive nodes, their free CPUs and GPUs."""
+    def from_ray(cls, *, avoid: dict[str, str] | None = None,
+                 nodes: list[dict] | None = None) -> Capacity:
+        """What the connected Ray cluster has now: alive nodes, their free CPUs and GPUs
+        (``nodes``: ``ray.nodes()`` already read), less the ``avoid`` nodes."""
         import ray
         from ray._private import state as ray_state
 
         free = ray_state.available_resources_per_node()
-        nodes = []
-        for n in ray.nodes():
+        avoid = avoid or {}
+        out = []
+        for n in ray.nodes() if nodes is None else nodes:
             labels = n.get("Labels") or {}
             site = labels.get(L.SITE)
-            if not n.get("Alive") or site is None or labels.get(L.ROLE) == "head":
+            if not n.get("Alive") or site is None or labels.get(L.ROLE) == "head" \
+                    or n["NodeID"] in avoid:
                 continue
             total = n.get("Resources") or {}
             avail = free.get(n["NodeID"], {})
-            nodes.append(NodeCapacity(
+            out.append(NodeCapacity(
                 site, labels.get(L.POOL, ""), total.get("CPU", 0.0), avail.get("CPU", 0.0),
                 total.get("GPU", 0.0), avail.get("GPU", 0.0), labels.get(L.ACCELERATOR),
                 labels.get(L.MARKET_TYPE) == "spot"))
-        return cls(nodes, live=True)
+        return cls(out, live=True, avoid=avoid)
 
     def sites(self) -> list[str]:
         return list(self.by_site)

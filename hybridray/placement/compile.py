@@ -11,6 +11,11 @@ entrypoints): the accelerator (``ray.io/accelerator-type``), the market (``ray.i
 on-demand`` unless spot is allowed) and the pools that fit one unit (``hybridray.io/pool``,
 when fewer than all of a site's pools fit). A decision for an on-demand H100 can then never
 start on a spot A10G, whatever the node's free resources say.
+
+Nodes the placement must avoid (drift: live nodes that are not members of the cluster, see
+``hybridray.cluster.membership``) are excluded from every selector by Ray's own
+``ray.io/node-id`` label, which a node cannot set for itself. Ray's fallbacks *replace* the
+primary selector, so each one carries the exclusion too.
 """
 
 from __future__ import annotations
@@ -26,6 +31,14 @@ from hybridray.topology.models import DataClass
 MAX_ORDERED_FALLBACKS = 8
 
 _CLASS_SELECTOR = {c: f"in({','.join(x.value for x in c.at_least())})" for c in DataClass}
+NODE_ID = "ray.io/node-id"   # Ray's default label: the node's own id
+
+
+def _avoiding(selector: dict[str, str], placement: Placement) -> dict[str, str]:
+    """``selector`` that also keeps off the placement's drift nodes."""
+    if placement.avoid_nodes:
+        selector[NODE_ID] = f"!in({','.join(placement.avoid_nodes)})"
+    return selector
 
 
 def constraint_selector(placement: Placement) -> dict[str, str]:
@@ -46,7 +59,7 @@ def site_selector(placement: Placement, site: str) -> dict[str, str]:
     pools = next((c.pools for c in placement.candidates if c.site == site), ())
     if pools:
         sel[L.POOL] = pools[0] if len(pools) == 1 else f"in({','.join(pools)})"
-    return sel
+    return _avoiding(sel, placement)
 
 
 def selectors(placement: Placement) -> tuple[dict[str, str], list[dict[str, Any]]]:
@@ -63,8 +76,9 @@ def selectors(placement: Placement) -> tuple[dict[str, str], list[dict[str, Any]
         # others would be lost, which is exactly what this module exists to prevent).
         free = [s for s in rest if not site_selector(placement, s).get(L.POOL)]
         if free:
-            fallback.append({"label_selector": {L.SITE: f"in({','.join(free)})",
-                                                **constraint_selector(placement)}})
+            fallback.append({"label_selector": _avoiding(
+                {L.SITE: f"in({','.join(free)})", **constraint_selector(placement)},
+                placement)})
     return primary, fallback
 
 

@@ -57,6 +57,9 @@ class Placement:
     excluded: dict[str, str] = field(default_factory=dict)   # site -> why it is not a candidate
     policy: str = ""
     decided_at: float = field(default_factory=time.time)
+    # live nodes it must stay off (drift, from the capacity it was decided with): every
+    # compiled selector excludes them by Ray's ray.io/node-id label
+    avoid_nodes: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -122,4 +125,6 @@ class Placement:
             record["fix"] = self.refusal.fix
         if self.excluded:
             record["excluded"] = dict(self.excluded)
+        if self.avoid_nodes:
+            record["avoid_nodes"] = list(self.avoid_nodes)
         return record

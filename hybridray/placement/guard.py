@@ -3,7 +3,9 @@
 Placement already keeps work off nodes that may not hold its data, but labels can be wrong,
 a selector can be edited by hand, and user code can be called from anywhere. The guard reads
 the labels of the node the code is actually running on and refuses if that node's
-``hybridray.io/max-data-class`` is below the data's class (or missing: deny by default).
+``hybridray.io/max-data-class`` is below the data's class (or missing: deny by default), or
+if the node is not a recorded member of the cluster (drift: labels are self-asserted, so a
+node that joined with the token and on-prem labels would otherwise pass).
 """
 
 from __future__ import annotations
@@ -65,10 +67,16 @@ def check_residency(data_class: DataClass | str,
     """Raise ``ResidencyViolation`` unless this node may hold ``data_class``; return its site.
 
     Every violation is written to the cluster's audit log (event ``refusal``, ``what``
-    naming the path) before it is raised.
+    naming the path) before it is raised. In a worker, ``NodeNotMember`` (a
+    ``ResidencyViolation``, rule ``drift``) when the node is not a member of the cluster
+    (``hybridray.cluster.membership.check_member``, which audits through Ray's KV).
     """
     cls = DataClass(data_class)
     labels = current_node_labels() if node_labels is None else node_labels
+    if node_labels is None and in_worker():
+        from hybridray.cluster.membership import check_member
+
+        check_member(labels)
     site = labels.get(L.SITE, "<unlabelled node>")
     limit = labels.get(L.MAX_DATA_CLASS)
     error = None

@@ -33,7 +33,7 @@ def decide(topology: Topology, workload: Workload, capacity: Capacity | None = N
 
     def refuse(rule: str, message: str, fix: str, excluded: dict[str, str]) -> Placement:
         return Placement(wl, refusal=Refusal(rule, message, fix), excluded=excluded,
-                         policy=POLICY_NAME)
+                         policy=POLICY_NAME, avoid_nodes=tuple(sorted(cap.avoid)))
 
     for name in (wl.site, wl.data_site):
         if name is not None and name not in topology.sites:
@@ -82,7 +82,8 @@ def decide(topology: Topology, workload: Workload, capacity: Capacity | None = N
         Candidate(rows[i][0], rows[i][1], words(wl, rows[i], pos), rows[i][5], rows[i][2],
                   costs[i], rows[i][3], rows[i][4] if live else None, rows[i][7])
         for pos, i in enumerate(order))
-    return Placement(wl, candidates=candidates, excluded=excluded, policy=POLICY_NAME)
+    return Placement(wl, candidates=candidates, excluded=excluded, policy=POLICY_NAME,
+                     avoid_nodes=tuple(sorted(cap.avoid)))
 
 
 def resolve_class(topology: Topology, workload: Workload) -> Workload:

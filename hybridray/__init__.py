@@ -17,6 +17,7 @@ from hybridray.exceptions import (
     IntegrityError,
     MaskingError,
     NetnsError,
+    NodeNotMember,
     PlacementRefused,
     PlanInfeasible,
     ResidencyViolation,
@@ -45,7 +46,9 @@ from hybridray.topology import DataClass, Topology, load_topology, parse_topolog
 __version__ = "0.1.0"
 
 _LAZY = {"Demand": "hybridray.planner", "Plan": "hybridray.planner",
-         "compare": "hybridray.planner", "plan": "hybridray.planner"}
+         "compare": "hybridray.planner", "plan": "hybridray.planner",
+         "attach": "hybridray.cluster.attachment", "detach": "hybridray.cluster.attachment",
+         "admit_nodes": "hybridray.cluster.membership"}
 
 
 def __getattr__(name: str):
@@ -72,6 +75,7 @@ __all__ = [
     "IntegrityError",
     "MaskingError",
     "NetnsError",
+    "NodeNotMember",
     "Placement",
     "Plan",
     "PlacementRefused",
@@ -84,12 +88,15 @@ __all__ = [
     "WorkloadKind",
     "__version__",
     "actor_options",
+    "admit_nodes",
+    "attach",
     "check_residency",
     "child_options",
     "compare",
     "connect",
     "data_remote_args",
     "decide",
+    "detach",
     "guarded",
     "job_submit_kwargs",
     "load_topology",

@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "validate",
     "cluster",   # up, down, status, env
     "fault",     # partition, heal (namespace clusters)
+    "attach",    # attach, detach, admit
     "plan",
     "place",     # place, audit
     "data",      # sync, verify, ls

@@ -92,7 +92,7 @@ def collect(name: str, *, home: str | os.PathLike | None = None,
     from hybridray.cluster.status import status
 
     report = status(name, home=home)
-    act = activity(name, home=home)
+    act = activity(name, home=home, report=report)
     c = {"cluster": name}
     out: list[tuple[str, dict[str, Any], float]] = []
     for site, s in report["sites"].items():

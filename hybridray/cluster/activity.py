@@ -40,14 +40,17 @@ def _created(state: ClusterState) -> float:
 
 
 def activity(name: str, *, home: str | os.PathLike | None = None,
-             now: float | None = None, state: ClusterState | None = None) -> dict[str, Any]:
+             now: float | None = None, state: ClusterState | None = None,
+             report: dict[str, Any] | None = None) -> dict[str, Any]:
     """A JSON-ready summary of cluster ``name``'s work since it came up.
 
     Keys: ``since`` (epoch), ``trainings`` (running: started, not ended), ``services``
     (name → sites of its replicas, from the latest serve placements), ``syncs`` (the last
     few, with outcome), ``bytes`` ((src, dst) → bytes and egress $), ``decisions``
     ((site, kind, outcome) → count), ``cost`` (site → accrued compute and egress $,
-    ``rate_per_hour``).
+    ``rate_per_hour``). An attached cluster's compute cost comes from its running members as
+    ``status`` reports them (``report``, read here when not given): each member's pool price
+    since the later of its registration with the GCS and the attach.
 
     Raises:
         ClusterNotFound: nothing is recorded under ``name``.
@@ -84,13 +87,27 @@ def activity(name: str, *, home: str | os.PathLike | None = None,
                 services.setdefault(r["service"], set()).update(r.get("sites", [])[:1])
     cost: dict[str, dict[str, float]] = {}
     rate = 0.0
-    for node in state.nodes:
-        c = cost.setdefault(node.site, {"compute": 0.0, "egress": 0.0, "rate_per_hour": 0.0})
-        if node.leader_alive():
-            hours = max(0.0, now - node_started_at(node.start_time)) / 3600
-            c["compute"] += hours * node.price_per_hour
-            c["rate_per_hour"] += node.price_per_hour
-            rate += node.price_per_hour
+    running: list[tuple[str, float, float]] = []     # (site, started at, price per hour)
+    if state.attached:
+        if report is None:
+            from hybridray.cluster.status import status
+
+            report = status(name, home=home)
+        running = [(n["site"], max(n["started_at"] or since + 1, since + 1),
+                    n["price_per_hour"]) for n in report["nodes"] if n["running"]]
+        for n in report["nodes"]:
+            cost.setdefault(n["site"], {"compute": 0.0, "egress": 0.0, "rate_per_hour": 0.0})
+    else:
+        for node in state.nodes:
+            cost.setdefault(node.site, {"compute": 0.0, "egress": 0.0, "rate_per_hour": 0.0})
+            if node.leader_alive():
+                running.append((node.site, node_started_at(node.start_time),
+                                node.price_per_hour))
+    for site, started_at, price in running:
+        c = cost[site]
+        c["compute"] += max(0.0, now - started_at) / 3600 * price
+        c["rate_per_hour"] += price
+        rate += price
     for (src, _dst), (_, dollars) in links.items():
         cost.setdefault(src, {"compute": 0.0, "egress": 0.0, "rate_per_hour": 0.0})
         cost[src]["egress"] += dollars

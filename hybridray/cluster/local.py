@@ -22,6 +22,7 @@ from hybridray.cluster.ports import check_pinned, free_ports
 from hybridray.cluster.startup import MAX_ATTEMPTS, Progress, Startup
 from hybridray.cluster.state import (
     ClusterState,
+    Member,
     NodeRecord,
     cluster_dir,
     cluster_lock,
@@ -138,6 +139,7 @@ def up(topology: Topology, *, source_file: str | os.PathLike | None = None,
             emulator.start_for(state, topology, simulate=simulate, say=say)  # cloud storage
             save_state(state)
             _start_nodes(state, specs, timeout=timeout, say=say, pinned=pinned)
+            _record_members(state)
         except BaseException as e:
             stopped = _stop_nodes(state.nodes, temp_dir=state.temp_dir)
             _remove_runtime(state)
@@ -174,6 +176,18 @@ def _up_netns(topology: Topology, specs: list[NodeSpec], *, name: str, home: Pat
         raise
     save_state(state)
     return state
+
+
+def _record_members(state: ClusterState) -> None:
+    """Every node ``up`` started is a member; publish the record's copy into the KV (for the
+    workers' guard). A node the GCS knows but ``up`` did not start is drift."""
+    from hybridray.cluster import mirror
+    from hybridray.cluster.gcs import GcsView
+
+    state.members = [Member(n.node_id, n.site, n.key, n.pool, state.created_at, "up")
+                     for n in state.nodes if n.node_id]
+    with GcsView(state.address, state.token_path, state.tls) as view:
+        mirror.publish(view, state)   # the snapshot: it holds the S3 emulator's endpoints
 
 
 def _start_nodes(state: ClusterState, specs: list[NodeSpec], *, timeout: float, say: Progress,
@@ -221,6 +235,11 @@ def down(name: str, *, home: str | os.PathLike | None = None,
             state = load_state(name, home=home)
         except ClusterNotFound:
             return []  # down already ran; the directory only keeps the logs
+        if state.attached:
+            raise ClusterError(
+                f"cluster {name!r} was attached, not started by hybridray: it owns none of its "
+                f"processes, so down stops nothing. To forget it: hybridray detach {name}; to "
+                "stop it, stop its nodes the way they were started (ray stop, systemctl, ...)")
         stopped = _stop_nodes(state.nodes, timeout, temp_dir=state.temp_dir)
         _remove_runtime(state)
         return stopped
@@ -291,6 +310,9 @@ def _clear_stale(name: str, home: Path) -> None:
         old = load_state(name, home=home)
     except ClusterNotFound:
         return
+    if old.attached:
+        raise ClusterError(f"{name!r} is an attached cluster (GCS {old.address}); pick another "
+                           f"name (override name=OTHER), or hybridray detach {name} first")
     alive = old.alive_nodes()
     if alive:
         raise ClusterError(f"cluster {name!r} is already up ({len(alive)} of "

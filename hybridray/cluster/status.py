@@ -1,8 +1,11 @@
-"""What a recorded cluster is doing now: nodes alive, resources used, and what it costs.
+"""What a recorded cluster is doing now: nodes alive, resources used, drift, and what it costs.
 
 Liveness comes from two witnesses that can disagree: the recorded processes (is the ``ray
 start`` process still there?) and the GCS (did the node register, is it still alive?). A
 node counts as running, and is paid for, only when every witness that can be asked says so.
+An attached cluster has no processes of hybridray's, so there the GCS is the only witness.
+Every live node that is not a member, or whose labels claim more than its site may hold, is
+reported as drift (``membership.py``).
 """
 
 from __future__ import annotations
@@ -10,7 +13,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from hybridray.cluster.gcs import GcsNode, GcsView
+from hybridray import labels as L
+from hybridray.audit import AuditLog
+from hybridray.cluster import mirror
+from hybridray.cluster.gcs import GcsNode, GcsView, reachable
+from hybridray.cluster.membership import find_drift
 from hybridray.cluster.state import ClusterState, list_clusters, load_state
 from hybridray.exceptions import ClusterNotFound, ConfigError
 from hybridray.topology.models import Topology
@@ -36,13 +43,15 @@ def ray_env(state: ClusterState) -> dict[str, str]:
 
 
 def status(name: str, *, home: str | os.PathLike | None = None) -> dict[str, Any]:
-    """A JSON-ready report on cluster ``name``.
+    """A JSON-ready report on cluster ``name`` (started by ``up`` or attached).
 
-    Keys: ``name``, ``state`` (``up``, ``degraded`` or ``down``), ``address``,
-    ``dashboard_url``, ``simulate``, ``created_at``, ``source_file``, ``gcs`` (reachable or
-    the error), ``nodes`` (one dict per recorded node), ``sites`` (per site: nodes, alive,
-    CPU/GPU used and total, price per hour of running nodes), ``unrecorded_nodes`` (alive in
-    the GCS but not started by hybridray) and ``price_per_hour`` (the sum).
+    Keys: ``name``, ``origin`` (``up`` or ``attach``), ``state`` (``up``, ``degraded`` or
+    ``down``), ``address``, ``dashboard_url``, ``simulate``, ``created_at``, ``source_file``,
+    ``gcs`` (reachable or the error), ``nodes`` (one dict per recorded node; for an attached
+    cluster, per member, from the GCS), ``sites`` (per site: nodes, alive, CPU/GPU used and
+    total, price per hour of running nodes), ``drift`` (live nodes that are not members or
+    whose labels claim more than their site may hold: never placed on), ``unrecorded_nodes``
+    (how many of them are not members) and ``price_per_hour`` (the sum).
 
     Raises:
         ClusterNotFound: nothing is recorded under ``name``.
@@ -51,45 +60,28 @@ def status(name: str, *, home: str | os.PathLike | None = None) -> dict[str, Any
     topology = _topology(state)
     gcs: dict[str, Any] = {"reachable": False, "error": None}
     seen: list[GcsNode] = []
-    if state.head.leader_alive():
+    head_alive = state.attached or state.head.leader_alive()
+    if not head_alive:
+        gcs["error"] = "the head process is not running"
+    elif not reachable(state.address, 5.0):
+        gcs["error"] = f"nothing answers at {state.address}"
+    else:
         try:
             with GcsView(state.address, state.token_path, state.tls) as view:
                 seen = view.nodes(timeout=5)
-            gcs["reachable"] = True
+                gcs["reachable"] = True
+                try:  # records queued inside the cluster (guard refusals) -> the audit log
+                    gcs["drained_events"] = mirror.drain_events(
+                        view, AuditLog.for_cluster(state.name, state.home), state.name)
+                except Exception:
+                    pass
         except Exception as e:  # report it; liveness then rests on the processes alone
             gcs["error"] = f"{type(e).__name__}: {e}"
-    else:
-        gcs["error"] = "the head process is not running"
-    by_key: dict[str, GcsNode] = {}
-    for node in seen:  # a key may have a dead entry and a live one; the live one wins
-        if node.key and (node.key not in by_key or node.alive):
-            by_key[node.key] = node
-
-    nodes = []
-    for rec in state.nodes:
-        process_alive = rec.leader_alive()
-        info = by_key.get(rec.key)
-        gcs_alive = (info is not None and info.alive) if gcs["reachable"] else None
-        running = process_alive and gcs_alive is not False
-        cpus_total, gpus_total = float(rec.cpus), float(rec.gpus)
-        cpus_used = gpus_used = None
-        if info is not None and info.alive and info.available:
-            cpus_total = info.total.get("CPU", 0.0)
-            gpus_total = info.total.get("GPU", 0.0)
-            cpus_used = cpus_total - info.available.get("CPU", 0.0)
-            gpus_used = gpus_total - info.available.get("GPU", 0.0)
-        nodes.append({
-            "key": rec.key, "site": rec.site, "pool": rec.pool, "role": rec.role,
-            "index": rec.index, "pid": rec.pid, "node_id": info.node_id if info else rec.node_id,
-            "process_alive": process_alive, "gcs_alive": gcs_alive, "running": running,
-            "cpus_total": cpus_total, "cpus_used": cpus_used,
-            "gpus_total": gpus_total, "gpus_used": gpus_used,
-            "price_per_hour": rec.price_per_hour if running else 0.0,
-            "log": rec.log,
-        })
+    nodes = _attached_nodes(state, topology, seen, gcs["reachable"]) if state.attached else \
+        _process_nodes(state, seen, gcs["reachable"])
 
     sites: dict[str, dict[str, Any]] = {}
-    for site_name in _site_order(topology, state):
+    for site_name in _site_order(topology, state, nodes):
         site = topology.sites.get(site_name) if topology else None
         mine = [n for n in nodes if n["site"] == site_name]
         up = [n for n in mine if n["running"]]
@@ -103,24 +95,98 @@ def status(name: str, *, home: str | os.PathLike | None = None) -> dict[str, Any
             "gpus_used": sum(n["gpus_used"] or 0.0 for n in up),
             "price_per_hour": round(sum(n["price_per_hour"] for n in up), 6),
         }
-    head = next(n for n in nodes if n["role"] == "head")
-    if not head["running"]:
-        overall = "down"
-    elif all(n["running"] for n in nodes):
-        overall = "up"
+    if state.attached:
+        overall = "down" if not gcs["reachable"] else (
+            "up" if all(n["running"] for n in nodes) else "degraded")
     else:
-        overall = "degraded"
-    recorded = {rec.key for rec in state.nodes}
+        head = next(n for n in nodes if n["role"] == "head")
+        if not head["running"]:
+            overall = "down"
+        elif all(n["running"] for n in nodes):
+            overall = "up"
+        else:
+            overall = "degraded"
+    drift = []
+    if gcs["reachable"] and topology is not None:
+        drift = [d.to_json() for d in find_drift(topology, state.member_ids(), seen)]
     return {
-        "name": state.name, "state": overall, "address": state.address,
-        "dashboard_url": state.dashboard_url, "simulate": state.simulate,
-        "created_at": state.created_at, "source_file": state.source_file,
-        "overrides": state.overrides, "gcs": gcs, "nodes": nodes, "sites": sites,
-        "unrecorded_nodes": sum(1 for n in seen if n.alive and n.key not in recorded),
+        "name": state.name, "origin": state.origin, "state": overall,
+        "address": state.address, "dashboard_url": state.dashboard_url,
+        "simulate": state.simulate, "created_at": state.created_at,
+        "source_file": state.source_file, "overrides": state.overrides, "gcs": gcs,
+        "nodes": nodes, "sites": sites, "drift": drift,
+        "unrecorded_nodes": sum(1 for d in drift
+                                if d["reasons"][0].startswith("not a recorded member")),
         "hosts": "netns" if state.netns else "local",
         "partitioned": list(state.netns.get("partitioned", [])) if state.netns else [],
         "price_per_hour": round(sum(s["price_per_hour"] for s in sites.values()), 6),
     }
+
+
+def _process_nodes(state: ClusterState, seen: list[GcsNode], reachable_: bool
+                   ) -> list[dict[str, Any]]:
+    """One row per node ``up`` started: its process and what the GCS says of it."""
+    by_key: dict[str, GcsNode] = {}
+    for node in seen:  # a key may have a dead entry and a live one; the live one wins
+        if node.key and (node.key not in by_key or node.alive):
+            by_key[node.key] = node
+    nodes = []
+    for rec in state.nodes:
+        process_alive = rec.leader_alive()
+        info = by_key.get(rec.key)
+        gcs_alive = (info is not None and info.alive) if reachable_ else None
+        running = process_alive and gcs_alive is not False
+        row = _resources(info, float(rec.cpus), float(rec.gpus))
+        nodes.append({
+            "key": rec.key, "site": rec.site, "pool": rec.pool, "role": rec.role,
+            "index": rec.index, "pid": rec.pid, "node_id": info.node_id if info else rec.node_id,
+            "process_alive": process_alive, "gcs_alive": gcs_alive, "running": running,
+            **row, "price_per_hour": rec.price_per_hour if running else 0.0,
+            "started_at": None, "log": rec.log,
+        })
+    return nodes
+
+
+def _attached_nodes(state: ClusterState, topology: Topology | None, seen: list[GcsNode],
+                    reachable_: bool) -> list[dict[str, Any]]:
+    """One row per member of an attached cluster, from the GCS alone (no processes)."""
+    by_id = {n.node_id: n for n in seen}
+    nodes = []
+    for i, m in enumerate(state.members):
+        info = by_id.get(m.node_id)
+        gcs_alive = (info is not None and info.alive) if reachable_ else None
+        running = bool(gcs_alive)
+        labels = info.labels if info else {}
+        price = _pool_price(topology, m.site, m.pool) if running else 0.0
+        nodes.append({
+            "key": m.key or f"{m.site}.{m.pool or 'node'}.{m.node_id[:8]}", "site": m.site,
+            "pool": m.pool, "role": labels.get(L.ROLE, "worker" if m.pool else "head"),
+            "index": i, "pid": None, "node_id": m.node_id, "process_alive": None,
+            "gcs_alive": gcs_alive, "running": running,
+            **_resources(info, 0.0, 0.0), "price_per_hour": price,
+            "started_at": (info.started_ms / 1000) if info and info.started_ms else None,
+            "log": None,
+        })
+    return nodes
+
+
+def _resources(info: GcsNode | None, cpus: float, gpus: float) -> dict[str, Any]:
+    out: dict[str, Any] = {"cpus_total": cpus, "cpus_used": None, "gpus_total": gpus,
+                           "gpus_used": None}
+    if info is not None and info.alive:
+        out["cpus_total"] = info.total.get("CPU", cpus)
+        out["gpus_total"] = info.total.get("GPU", gpus)
+        if info.available:
+            out["cpus_used"] = out["cpus_total"] - info.available.get("CPU", 0.0)
+            out["gpus_used"] = out["gpus_total"] - info.available.get("GPU", 0.0)
+    return out
+
+
+def _pool_price(topology: Topology | None, site: str, pool: str | None) -> float:
+    if topology is None or pool is None or site not in topology.sites:
+        return 0.0
+    return next((p.price_per_node_hour for p in topology.sites[site].pools if p.name == pool),
+                0.0)
 
 
 def cluster_summaries(home: str | os.PathLike | None = None) -> list[dict[str, Any]]:
@@ -134,9 +200,18 @@ def cluster_summaries(home: str | os.PathLike | None = None) -> list[dict[str, A
         except Exception as e:
             out.append({"name": name, "state": "unreadable", "error": str(e)})
             continue
+        if state.attached:   # no processes to look at: its members, as recorded
+            out.append({
+                "name": name, "state": "attached", "nodes_alive": None,
+                "nodes": len(state.members), "sites": sorted({m.site for m in state.members}),
+                "address": state.address, "dashboard_url": state.dashboard_url,
+                "simulate": False, "created_at": state.created_at, "price_per_hour": None,
+                "origin": state.origin})
+            continue
         alive = [n for n in state.nodes if n.leader_alive()]
         head_up = state.head.leader_alive() if state.nodes else False
         out.append({
+            "origin": state.origin,
             "name": name,
             "state": ("up" if len(alive) == len(state.nodes) else "degraded") if head_up
             else "down",
@@ -160,6 +235,7 @@ def _topology(state: ClusterState) -> Topology | None:
             return None
 
 
-def _site_order(topology: Topology | None, state: ClusterState) -> list[str]:
+def _site_order(topology: Topology | None, state: ClusterState,
+                nodes: list[dict[str, Any]]) -> list[str]:
     order = list(topology.sites) if topology else []
-    return order + [n.site for n in state.nodes if n.site not in order]
+    return order + list(dict.fromkeys(n["site"] for n in nodes if n["site"] not in order))

@@ -7,6 +7,9 @@
     hybridray status local --watch                        # live: + work, bytes, cost so far
     eval "$(hybridray env local)"; ray job submit -- python jobs/x.py
     hybridray down local
+
+A cluster you run yourself is recorded with ``hybridray attach`` (commands/attach.py); every
+command here then works on it too, except ``down`` (``detach`` forgets it instead).
 """
 
 from __future__ import annotations
@@ -244,6 +247,11 @@ def _print_clusters(rows: list[dict[str, Any]]) -> None:
         if r["state"] == "unreadable":
             table.add_row(r["name"], "[red]unreadable[/]", "", "", "", r["error"], "", "")
             continue
+        if r["state"] == "attached":
+            table.add_row(r["name"], "[cyan]attached[/]", f"{r['nodes']} members",
+                          ", ".join(r["sites"]), "-", r["address"], r["dashboard_url"] or "-",
+                          r["created_at"])
+            continue
         table.add_row(r["name"], _state(r["state"]) + (" (sim)" if r["simulate"] else ""),
                       f"{r['nodes_alive']}/{r['nodes']}", ", ".join(r["sites"]),
                       f"{r['price_per_hour']:.2f}", r["address"], r["dashboard_url"] or "-",
@@ -265,6 +273,7 @@ def _print_status(report: dict[str, Any]) -> None:
 
     console = _console()
     sim = " (simulated)" if report["simulate"] else ""
+    sim += " (attached)" if report.get("origin") == "attach" else ""
     console.print(f"cluster [bold]{report['name']}[/] is {_state(report['state'])}{sim}: "
                   f"GCS {report['address']}, dashboard {report['dashboard_url'] or 'off'}")
     for site in report.get("partitioned", []):
@@ -272,7 +281,8 @@ def _print_status(report: dict[str, Any]) -> None:
                       f"with: hybridray fault heal {report['name']} {site}[/]")
     if not report["gcs"]["reachable"]:
         console.print(f"[yellow]GCS not reachable ({report['gcs']['error']}); "
-                      "liveness below is from the processes only[/]")
+                      + ("nothing below is live[/]" if report.get("origin") == "attach" else
+                         "liveness below is from the processes only[/]"))
     sites = Table(title="sites")
     for col in ("site", "kind", "nodes alive", "CPU used/total", "GPU used/total", "$/hour"):
         sites.add_column(col, justify="left" if col in ("site", "kind") else "right")
@@ -288,10 +298,16 @@ def _print_status(report: dict[str, Any]) -> None:
         nodes.add_column(col)
     for n in report["nodes"]:
         gcs = {None: "?", True: "[green]alive[/]", False: "[red]dead[/]"}[n["gcs_alive"]]
-        nodes.add_row(n["key"], n["site"], n["pool"] or "(head)", str(n["pid"]),
-                      "[green]alive[/]" if n["process_alive"] else "[red]dead[/]", gcs,
+        process = {None: "-", True: "[green]alive[/]", False: "[red]dead[/]"}[
+            n["process_alive"]]
+        nodes.add_row(n["key"], n["site"], n["pool"] or "(head)",
+                      "-" if n["pid"] is None else str(n["pid"]), process, gcs,
                       f"{_num(n['cpus_used'])}/{_num(n['cpus_total'])}",
                       (n["node_id"] or "-")[:12])
     console.print(nodes)
-    if report["unrecorded_nodes"]:
-        console.print(f"{report['unrecorded_nodes']} node(s) joined the GCS without hybridray")
+    for d in report.get("drift", []):
+        console.print(f"[red]DRIFT[/] node {d['node_id'][:12]} (site {d['site'] or '?'}): "
+                      f"{'; '.join(d['reasons'])}; never placed on")
+    if report.get("drift"):
+        console.print(f"admit a node that belongs: hybridray admit {report['name']} NODE_ID; "
+                      "remove the others from the cluster")

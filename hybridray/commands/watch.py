@@ -56,9 +56,13 @@ def view(report: dict[str, Any], act: dict[str, Any], *, now: float | None = Non
         nodes.add_column(col)
     for n in report["nodes"]:
         gcs = {None: "?", True: "[green]alive[/]", False: "[red]dead[/]"}[n["gcs_alive"]]
-        nodes.add_row(n["key"], n["site"], str(n["pid"]),
-                      "[green]alive[/]" if n["process_alive"] else "[red]dead[/]", gcs,
-                      f"{_num(n['cpus_used'])}/{_num(n['cpus_total'])}")
+        process = {None: "-", True: "[green]alive[/]", False: "[red]dead[/]"}[
+            n["process_alive"]]
+        nodes.add_row(n["key"], n["site"], "-" if n["pid"] is None else str(n["pid"]),
+                      process, gcs, f"{_num(n['cpus_used'])}/{_num(n['cpus_total'])}")
+    for d in report.get("drift", []):
+        nodes.add_row(f"[red]DRIFT {d['node_id'][:12]}[/]", d["site"] or "?", "-", "-",
+                      "[green]alive[/]", f"never placed on: {'; '.join(d['reasons'])}")
     work = Table(title="work (from the audit log since up)")
     for col in ("what", "name", "where", "detail"):
         work.add_column(col)
@@ -110,7 +114,7 @@ def watch(name: str, *, interval: float = 2.0, count: int | None = None,
             while True:
                 try:
                     report = cluster.status(name, home=home)
-                    act = activity(name, home=home)
+                    act = activity(name, home=home, report=report)
                 except ClusterNotFound:
                     console.print(f"cluster {name!r} is down")
                     return 0

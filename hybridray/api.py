@@ -6,8 +6,11 @@
     ref = cluster.run(clean, wl, "tickets")            # placed, audited, guarded
     print(ray.get(ref), cluster.audit.read("placement")[-1])
 
-Inside a Ray job (``ray job submit``) ``connect()`` with no name uses ``$HYBRIDRAY_CLUSTER``
-or the only cluster recorded, and attaches to the Ray instance the job already runs in.
+``connect(NAME)`` works the same for a cluster started by ``hybridray up`` and one recorded by
+``hybridray attach``: it reads only the cluster record. Inside a Ray job (``ray job submit``)
+``connect()`` with no name uses ``$HYBRIDRAY_CLUSTER`` or the only cluster recorded, and
+attaches to the Ray instance the job already runs in; on a node without the operator's files
+it reads the record's copy in Ray's internal KV (``hybridray.cluster.mirror``).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from hybridray.audit import AuditLog
-from hybridray.exceptions import ClusterNotFound
+from hybridray.exceptions import ClusterNotFound, HybridRayError
 from hybridray.placement import compile as C
 from hybridray.placement.capacity import Capacity
 from hybridray.placement.decision import Placement
@@ -41,18 +44,59 @@ class Cluster:
         return self.topology.name
 
     # -- deciding -----------------------------------------------------------------------
-    def capacity(self) -> Capacity:
-        """Live capacity from Ray when connected, else the topology at full size."""
+    def members(self) -> set[str] | None:
+        """Node ids of the cluster's recorded members, read afresh (an ``admit`` in another
+        process counts at once); None when this ``Cluster`` has no record."""
+        state = self.state
+        if state is None:
+            return None
+        if state.home:
+            from hybridray.cluster.state import load_state
+
+            try:
+                state = self.state = load_state(state.name, home=state.home)
+            except HybridRayError:
+                pass
+        return state.member_ids()
+
+    def drift(self) -> list:
+        """Live nodes placement must stay off (``membership.DriftNode``s); [] outside Ray."""
         import ray
 
-        return Capacity.from_ray() if ray.is_initialized() else Capacity.from_topology(
-            self.topology)
+        if not ray.is_initialized():
+            return []
+        from hybridray.cluster.membership import find_drift
+
+        return find_drift(self.topology, self.members(), ray.nodes())
+
+    def capacity(self, live: bool = True) -> Capacity:
+        """Live capacity from Ray when connected (``live``), else the topology at full size;
+        either way less the drift nodes, which the placement then avoids."""
+        import ray
+
+        if not ray.is_initialized():
+            return Capacity.from_topology(self.topology)
+        nodes = ray.nodes()
+        from hybridray.cluster.membership import find_drift
+
+        avoid = {d.node_id: d.why for d in find_drift(self.topology, self.members(), nodes)}
+        if live:
+            return Capacity.from_ray(avoid=avoid, nodes=nodes)
+        return Capacity.from_topology(self.topology, avoid=avoid)
 
     def place(self, workload: Workload, *, live: bool = True) -> Placement:
-        """Decide where ``workload`` may run and audit the decision (refusals included)."""
-        cap = self.capacity() if live else None
+        """Decide where ``workload`` may run and audit the decision (refusals included).
+
+        Drift nodes are kept out of the decision and out of every selector compiled from
+        it; each exclusion is audited (event ``drift``, action ``excluded``).
+        """
+        cap = self.capacity(live)
         placement = decide(self.topology, workload, cap)
         self.audit.placement(placement, cluster=self.name)
+        if cap.avoid:
+            self.audit.record("drift", cluster=self.name, action="excluded",
+                              workload=workload.name,
+                              nodes=[{"node_id": k, "reasons": v} for k, v in cap.avoid.items()])
         return placement
 
     # -- running ------------------------------------------------------------------------
@@ -119,25 +163,38 @@ def _guard_class(cls: type, data_class: Any, options: dict[str, Any] | None = No
                                         "__qualname__": cls.__qualname__})
 
 
+JOB_DRIVER_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"   # set by Ray in every job's entrypoint
+
+
 def connect(name: str | None = None, *, home: str | os.PathLike | None = None,
             init_ray: bool = True) -> Cluster:
-    """Connect to a cluster started by ``hybridray up`` (by name) and return a ``Cluster``.
+    """Connect to a recorded cluster (``hybridray up`` or ``hybridray attach``) by name and
+    return a ``Cluster``.
 
-    Sets the token environment Ray's token auth needs and calls ``ray.init`` unless Ray is
-    already initialised (inside a job or task) or ``init_ray`` is false.
+    The one connect path of every command and driver: the record's environment (token, TLS,
+    address) is applied *and* Ray's cached auth and TLS config are re-read before
+    ``ray.init``, so it works whether or not Ray was imported first. Ray is not
+    (re-)initialised when it already is (inside a job or task) or ``init_ray`` is false.
+    Inside a job on a node that has no record, the record's copy in Ray's KV is used.
     """
     from hybridray import cluster as lifecycle
 
     if name is None:
         name = os.environ.get("HYBRIDRAY_CLUSTER")
-    if name is None:
-        known = lifecycle.list_clusters(home)
-        if len(known) != 1:
-            raise ClusterNotFound(
-                "say which cluster to connect to: hybridray.connect(NAME) or set "
-                f"HYBRIDRAY_CLUSTER (recorded clusters: {', '.join(known) or 'none'})")
-        name = known[0]
-    state = lifecycle.load_state(name, home=home)
+    in_job = JOB_DRIVER_ENV in os.environ
+    try:
+        if name is None:
+            known = lifecycle.list_clusters(home)
+            if len(known) != 1:
+                raise ClusterNotFound(
+                    "say which cluster to connect to: hybridray.connect(NAME) or set "
+                    f"HYBRIDRAY_CLUSTER (recorded clusters: {', '.join(known) or 'none'})")
+            name = known[0]
+        state = lifecycle.load_state(name, home=home)
+    except ClusterNotFound:
+        if not (in_job and init_ray):
+            raise
+        return _connect_in_job(name)
     if init_ray:
         import ray
 
@@ -154,6 +211,28 @@ def connect(name: str | None = None, *, home: str | os.PathLike | None = None,
     topology = state.topology()
     _record_driver_site(topology, state.address, init_ray)
     return Cluster(topology, audit=AuditLog.for_cluster(name, home), state=state)
+
+
+def _connect_in_job(name: str | None) -> Cluster:
+    """Inside a job whose node lacks the operator's files: the record from Ray's KV, and an
+    audit log whose records are queued there for the operator's next drain."""
+    import ray
+
+    from hybridray.cluster import mirror
+
+    if not ray.is_initialized():       # the job's own cluster (RAY_ADDRESS), at its own node
+        ray.init(log_to_driver=False, **_job_driver_node())
+    state = mirror.state_from_kv(name)
+    if state is None:
+        raise ClusterNotFound(
+            f"no record of cluster {name or '(unnamed)'!r} on this node nor in the Ray "
+            "cluster's KV; submit with hybridray submit --cluster NAME, which sets "
+            "HYBRIDRAY_CLUSTER, after hybridray up or attach recorded it")
+    from hybridray.topology.models import Topology
+
+    topology = Topology.model_validate(state.topology_snapshot)
+    _record_driver_site(topology, state.address, True)
+    return Cluster(topology, audit=mirror.QueuedAuditLog(state.name), state=state)
 
 
 def _on_this_host(address: str) -> bool:

@@ -52,6 +52,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.set_defaults(func=run_audit)
 
 
+def _drain(name: str) -> None:
+    """Bring in records queued inside the cluster (e.g. guard refusals on drift nodes)."""
+    from hybridray.cluster import mirror
+    from hybridray.cluster.state import load_state
+
+    try:
+        state = load_state(name)
+    except HybridRayError:
+        return   # down, or never recorded: the log on disk is all there is
+    mirror.drain(state)
+
+
 def _resolve(target: str, overrides: list[str]) -> tuple[Topology, object | None]:
     """A cluster file, or the recorded topology of a cluster brought up by name."""
     if Path(target).exists() or target.endswith((".yaml", ".yml")):
@@ -124,6 +136,7 @@ def _print_placement(placement) -> None:
 
 
 def run_audit(args: argparse.Namespace) -> int:
+    _drain(args.cluster)
     log = AuditLog.for_cluster(args.cluster)
     if not log.path.exists():
         raise HybridRayError(

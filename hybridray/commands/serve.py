@@ -133,16 +133,10 @@ def _plan(config, *, render: bool, as_json: bool) -> int:
 
 
 def _connect(config):
-    """``hybridray.connect``, with Ray's auth environment set before Ray is imported."""
-    import os
-
+    """``hybridray.connect``: the one connect path (it sets Ray's auth before ``ray.init``)."""
     import hybridray
-    from hybridray import cluster as lifecycle
 
-    name = config.cluster or os.environ.get("HYBRIDRAY_CLUSTER")
-    if name is not None and "ray" not in __import__("sys").modules:
-        os.environ.update(lifecycle.ray_env(lifecycle.load_state(name)))
-    return hybridray.connect(name)
+    return hybridray.connect(config.cluster)
 
 
 def _topology(config):

@@ -42,7 +42,7 @@ def submit(cluster: str, entrypoint: list[str], *, site: str | None = None,
 
     from hybridray.audit import AuditLog
     from hybridray.cluster import apply_env, load_state, ray_env
-    from hybridray.placement import Workload, decide, job_submit_kwargs
+    from hybridray.placement import Capacity, Workload, decide, job_submit_kwargs
 
     state = load_state(cluster, home=home)
     if not state.dashboard_url:
@@ -58,16 +58,25 @@ def submit(cluster: str, entrypoint: list[str], *, site: str | None = None,
     except ValidationError as e:
         raise ConfigError([f"submit: {'.'.join(map(str, err['loc']))}: {err['msg']}"
                            for err in e.errors(include_url=False)]) from None
-    placement = decide(topology, workload)
-    AuditLog.for_cluster(topology.name, home).placement(placement, cluster=topology.name,
-                                                        source="submit")
+    avoid = _drift(state, topology)   # the entrypoint's selector keeps off drift nodes
+    placement = decide(topology, workload, Capacity.from_topology(topology, avoid=avoid))
+    audit = AuditLog.for_cluster(topology.name, home)
+    audit.placement(placement, cluster=topology.name, source="submit")
+    if avoid:
+        audit.record("drift", cluster=topology.name, action="excluded",
+                     workload=workload.name,
+                     nodes=[{"node_id": k, "reasons": v} for k, v in avoid.items()])
     placement.raise_if_refused()
     kwargs = job_submit_kwargs(placement)
     apply_env(ray_env(state))
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(state.dashboard_url)
-    runtime_env = {"working_dir": working_dir} if working_dir else None
+    # the entrypoint's hybridray.connect() finds the cluster by name (on a node without the
+    # operator's files, in the record's copy in Ray's KV)
+    runtime_env = {"env_vars": {"HYBRIDRAY_CLUSTER": state.name}}
+    if working_dir:
+        runtime_env["working_dir"] = working_dir
     submission_id = f"hybridray-{uuid.uuid4().hex[:16]}"
     _share_driver_log(state, submission_id)
     job_id = client.submit_job(entrypoint=shlex.join(entrypoint), runtime_env=runtime_env,
@@ -121,6 +130,17 @@ def _share_driver_log(state, submission_id: str) -> None:
         link = logs / target.name
         if not link.exists():
             link.symlink_to(target)
+
+
+def _drift(state, topology) -> dict[str, str]:
+    """Live nodes that are not members of the cluster (or claim more than their site may
+    hold): node id -> why."""
+    from hybridray.cluster.gcs import GcsView
+    from hybridray.cluster.membership import find_drift
+
+    with GcsView(state.address, state.token_path, state.tls) as gcs:
+        nodes = gcs.nodes()
+    return {d.node_id: d.why for d in find_drift(topology, state.member_ids(), nodes)}
 
 
 def _driver_site(node_id: str | None, state) -> str | None:

@@ -195,7 +195,9 @@ def deploy(config: ServeConfig | str | os.PathLike, overrides: list[str] | tuple
         import hybridray
 
         cluster = hybridray.connect(config.cluster)
-    plan = plan_service(config, cluster.topology, audit=cluster.audit)
+    # full-size capacity (serving queues rather than refuses), less the drift nodes
+    capacity = cluster.capacity(live=False) if hasattr(cluster, "capacity") else None
+    plan = plan_service(config, cluster.topology, audit=cluster.audit, capacity=capacity)
     digests = read_token_digests(config)
     for t in plan.transfers:
         cluster.audit.transfer(t["src"], t["dst"], t["bytes"], t["cost"], what=t["what"],

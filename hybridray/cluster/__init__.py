@@ -13,11 +13,12 @@ Importing this package does not import Ray; starting, inspecting or connecting d
 from hybridray.cluster.attachment import attach, detach
 from hybridray.cluster.auth import apply_env
 from hybridray.cluster.local import down, up
-from hybridray.cluster.membership import admit_nodes
+from hybridray.cluster.membership import add_members, admit_nodes
 from hybridray.cluster.state import ClusterState, NodeRecord, list_clusters, load_state
 from hybridray.cluster.status import cluster_summaries, ray_env, status
 
 __all__ = [
-    "ClusterState", "NodeRecord", "admit_nodes", "apply_env", "attach", "cluster_summaries",
-    "detach", "down", "list_clusters", "load_state", "ray_env", "status", "up",
+    "ClusterState", "NodeRecord", "add_members", "admit_nodes", "apply_env", "attach",
+    "cluster_summaries", "detach", "down", "list_clusters", "load_state", "ray_env", "status",
+    "up",
 ]

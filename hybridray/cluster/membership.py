@@ -260,6 +260,44 @@ def admit_nodes(name: str, node_ids: Iterable[str] | None = None, *, how: str = 
     return result
 
 
+def add_members(name: str, members: Iterable[Member], *, remove: Iterable[str] = (),
+                home: str | os.PathLike | None = None) -> ClusterState:
+    """Record ``members`` (and drop the node ids in ``remove``) without reading the GCS:
+    for a launcher that knows a node's id before the node registers, e.g. the provider
+    behind Ray's autoscaler, so work never reaches the node before it is a member.
+
+    The caller vouches for the node's labels (it started the node with them); ``admit_nodes``
+    is the checked way for nodes someone else started. Saves the record and mirrors it into
+    the KV (best effort when the GCS cannot be reached: the next ``admit_nodes`` or
+    ``add_members`` mirrors it again).
+    """
+    from hybridray.cluster import mirror
+    from hybridray.cluster.gcs import GcsView, reachable
+    from hybridray.cluster.state import cluster_lock, load_state, save_state
+
+    with cluster_lock(name, home, wait=True):
+        state = load_state(name, home=home)
+        if not state.members and state.nodes:
+            state.members = [Member(n.node_id, n.site, n.key, n.pool, state.created_at, "up")
+                             for n in state.nodes if n.node_id]
+        gone = set(remove)
+        known = {m.node_id for m in state.members}
+        state.members = [m for m in state.members if m.node_id not in gone]
+        for m in members:
+            if m.node_id not in known and m.node_id not in gone:
+                m.admitted_at = m.admitted_at or now_iso()
+                state.members.append(m)
+                known.add(m.node_id)
+        save_state(state)
+        if reachable(state.address, 2.0):
+            try:
+                with GcsView(state.address, state.token_path, state.tls) as view:
+                    mirror.publish(view, state)
+            except Exception:
+                pass
+    return state
+
+
 # ---- in the worker: the guard's membership check -------------------------------------------
 
 _CACHE_S = 5.0

@@ -33,6 +33,7 @@ from hybridray.cluster import (
     status,
     up,
 )
+from hybridray.cluster.gcs import GcsView
 from hybridray.cluster.local import MAX_SOCKET_PATH, SOCKET_SUFFIX, _ray_temp_dir, _stop_nodes
 from hybridray.cluster.plan import NODE, plan_nodes, ray_start_args
 from hybridray.cluster.ports import check_pinned, free_ports
@@ -405,6 +406,15 @@ def test_status_shows_three_sites_the_head_and_prices(module_cluster, home, monk
         assert s["cpus_total"] == 2 and s["cpus_used"] == 0
         assert s["alive"] == s["nodes"] == (2 if site == "onprem" else 1)
     assert report["price_per_hour"] == pytest.approx(0.85)
+    # every node up started is a recorded member, mirrored into the cluster's KV; no drift
+    assert report["drift"] == [] and report["unrecorded_nodes"] == 0
+    state = load_state(module_cluster.name, home=home)
+    assert state.member_ids() == {n["node_id"] for n in report["nodes"]}
+    with GcsView(state.address, state.token_path, state.tls) as view:
+        mirrored = json.loads(view.kv_get(f"cluster/{state.name}"))
+    assert set(mirrored["members"]) == state.member_ids() and mirrored["origin"] == "up"
+    text = json.dumps(mirrored)                           # nothing secret in the KV
+    assert state.token_path not in text and open(state.token_path).read() not in text
 
     monkeypatch.setenv("HYBRIDRAY_HOME", str(home))
     assert main(["status", module_cluster.name, "--json"]) == 0

@@ -56,30 +56,35 @@ Say = Callable[[str], None]
 
 
 def tls_from_dir(directory: str | os.PathLike, host: str | None = None) -> dict[str, str]:
-    """Ray's TLS variables from a ``hybridray certs`` directory: its ``ca.crt`` and the
-    certificate of this machine (``nodes/HOST.crt``: ``host``, else this machine's host name,
-    else ``local``, the one ``hybridray certs`` issues for one-machine clusters).
+    """Ray's TLS variables from a ``hybridray certs`` directory: what nodes trust
+    (``trust.pem``, or ``ca.crt`` in a directory without site CAs) and the certificate this
+    machine presents: ``nodes/HOST.crt`` for ``host``, else this machine's host name (issued
+    with ``hybridray certs ... --host $(hostname)``), else one ``hybridray certs`` issued for a
+    ``provider: local`` site (``local-SITE``, or ``local``) on this machine.
 
     Raises:
         ClusterError: no CA, or no certificate for this machine (naming the ones there).
     """
     d = Path(directory).expanduser().absolute()
-    if not (d / "ca.crt").is_file():
-        raise ClusterError(f"{d} holds no ca.crt; give the directory hybridray certs wrote "
-                           "(--tls-dir DIR), or --no-tls for a cluster without TLS")
-    names = [host] if host else [socket.gethostname(), socket.getfqdn(), "local"]
+    trust = d / "trust.pem" if (d / "trust.pem").is_file() else d / "ca.crt"
+    if not trust.is_file():
+        raise ClusterError(f"{d} holds no trust.pem or ca.crt; give the directory hybridray "
+                           "certs wrote (--tls-dir DIR), or --no-tls for a cluster without TLS")
+    nodes = d / "nodes"
+    have = sorted(p.stem for p in nodes.glob("*.crt")) if nodes.is_dir() else []
+    names = [host] if host else [socket.gethostname(), socket.getfqdn(), "local",
+                                 *(n for n in have if n.startswith("local-"))]
     for name in dict.fromkeys(n for n in names if n):
-        cert, key = d / "nodes" / f"{name}.crt", d / "nodes" / f"{name}.key"
+        cert, key = nodes / f"{name}.crt", nodes / f"{name}.key"
         if cert.is_file() and key.is_file():
             from hybridray.deploy.certs import NodeCert, check_node_cert
 
-            node = NodeCert(cert=cert, key=key, ca=d / "ca.crt")
+            node = NodeCert(cert=cert, key=key, ca=trust)
             check_node_cert(node)
             return node.env()
-    have = sorted(p.stem for p in (d / "nodes").glob("*.crt")) if (d / "nodes").is_dir() else []
+    looked = ", ".join(f"{n}.crt" for n in dict.fromkeys(x for x in names if x))
     raise ClusterError(
-        f"{d}/nodes has no certificate for this machine (looked for "
-        f"{', '.join(f'{n}.crt' for n in dict.fromkeys(x for x in names if x))}; there: "
+        f"{nodes} has no certificate for this machine (looked for {looked}; there: "
         f"{', '.join(have) or 'none'}); issue one with hybridray certs FILE --out {d} "
         f"--host {socket.gethostname()}, or pick one with --tls-host NAME")
 
@@ -275,6 +280,8 @@ def _probe_tls(address: str, host: str, port: int, tls: dict[str, str]) -> None:
     ctx.set_alpn_protocols(["h2"])
     if tls:
         ctx.load_verify_locations(tls["RAY_TLS_CA_CERT"])
+        # trust.pem holds site intermediates, not the root: gRPC accepts them as anchors
+        ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
         ctx.load_cert_chain(tls["RAY_TLS_SERVER_CERT"], tls["RAY_TLS_SERVER_KEY"])
     else:
         ctx.check_hostname = False
@@ -296,8 +303,9 @@ def _probe_tls(address: str, host: str, port: int, tls: dict[str, str]) -> None:
         speaks_tls, error = False, e
     if not tls:
         if speaks_tls:
-            raise ClusterError(f"the GCS at {address} runs TLS; give --tls-dir DIR (ca.crt and "
-                               "this machine's certificate from hybridray certs)")
+            raise ClusterError(f"the GCS at {address} runs TLS; give --tls-dir DIR (what "
+                               "hybridray certs wrote: trust.pem and this machine's "
+                               "certificate)")
         return
     if not speaks_tls:
         raise ClusterError(f"the GCS at {address} does not run TLS, but TLS files were given "

@@ -37,11 +37,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"the cluster's Ray auth token (default: {DEFAULT_SECRETS}/token, as "
                         "hybridray certs writes it)")
     p.add_argument("--tls-dir", default=None, metavar="DIR",
-                   help=f"the hybridray certs directory: ca.crt and nodes/HOST.crt for this "
-                        f"machine (default: {DEFAULT_SECRETS}/ when it holds a ca.crt)")
+                   help=f"the hybridray certs directory: trust.pem and nodes/HOST.crt for "
+                        f"this machine (default: {DEFAULT_SECRETS}/ when it holds a ca.crt)")
     p.add_argument("--tls-host", default=None, metavar="NAME",
                    help="which nodes/NAME.crt this machine presents (default: its host "
-                        "name, else local)")
+                        "name, else a local-SITE one)")
     p.add_argument("--no-tls", action="store_true",
                    help="the cluster runs without Ray's gRPC TLS")
     p.add_argument("--dashboard", default=None, metavar="URL",

@@ -57,13 +57,15 @@ class PlainCluster:
     def dashboard(self) -> str:
         return f"http://127.0.0.1:{self.ports['dashboard']}"
 
-    def env(self) -> dict[str, str]:
+    def env(self, site: str | None = None) -> dict[str, str]:
+        """A node's environment: the certificate `hybridray certs` issued for its (local)
+        site, what every node trusts, the token."""
         bindir = str(Path(sys.executable).parent)
+        cert = self.secrets / "nodes" / f"local-{site or self.topology.head.site}"
         return clean_env(
             RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(self.secrets / "token"),
-            RAY_USE_TLS="1", RAY_TLS_SERVER_CERT=str(self.secrets / "nodes" / "local.crt"),
-            RAY_TLS_SERVER_KEY=str(self.secrets / "nodes" / "local.key"),
-            RAY_TLS_CA_CERT=str(self.secrets / "ca.crt"), RAY_USAGE_STATS_ENABLED="0",
+            RAY_USE_TLS="1", RAY_TLS_SERVER_CERT=f"{cert}.crt", RAY_TLS_SERVER_KEY=f"{cert}.key",
+            RAY_TLS_CA_CERT=str(self.secrets / "trust.pem"), RAY_USAGE_STATS_ENABLED="0",
             HYBRIDRAY_HOME=str(self.node_home),
             PATH=os.pathsep.join([bindir, os.environ.get("PATH", "")]),
             DASHBOARD_METRIC_PORT=str(self.ports["dashboard_metrics"]),
@@ -78,7 +80,7 @@ class PlainCluster:
                  "haproxy_metrics", "haproxy_stats")
         self.ports = dict(zip(names, free_ports(len(names)), strict=True))
         head = self.topology.head.site
-        self._start("head", L.node_labels(self.topology, head, None, role="head"),
+        self._start("head", head, L.node_labels(self.topology, head, None, role="head"),
                     L.node_resources(head, None), 0,
                     ["--head", "--port", str(self.ports["gcs"]),
                      "--ray-client-server-port", str(self.ports["client"]),
@@ -90,11 +92,11 @@ class PlainCluster:
         """A worker with the labels of ``site``'s first pool (``labels`` overrides them)."""
         pool = self.topology.sites[site].pools[0]
         want = {**L.node_labels(self.topology, site, pool), **(labels or {})}
-        self._start(name, want, L.node_resources(site, pool), cpus,
+        self._start(name, site, want, L.node_resources(site, pool), cpus,
                     ["--address", self.address])
 
-    def _start(self, name: str, labels: dict[str, str], resources: dict[str, float],
-               cpus: int, extra: list[str]) -> None:
+    def _start(self, name: str, site: str, labels: dict[str, str],
+               resources: dict[str, float], cpus: int, extra: list[str]) -> None:
         agent = free_ports(1, exclude=set(self.ports.values()))[0]
         temp = f"{self.temp_root}/{len(self.procs)}"
         args = [RAY, "start", "--block", "--disable-usage-stats", "--temp-dir", temp,
@@ -102,7 +104,7 @@ class PlainCluster:
                 "--labels", L.labels_arg(labels), "--resources", json.dumps(resources),
                 "--dashboard-agent-listen-port", str(agent), *extra]
         log = open(self.logs / f"{name}.log", "wb")
-        self.procs.append(subprocess.Popen(args, env=self.env(), stdout=log,
+        self.procs.append(subprocess.Popen(args, env=self.env(site), stdout=log,
                                            stderr=subprocess.STDOUT, start_new_session=True))
         log.close()
 

@@ -23,7 +23,6 @@ import yaml
 from hybridray import labels as L
 from hybridray.cluster.ports import free_ports
 from hybridray.cluster.state import load_state
-from hybridray.deploy.certs import create_ca, issue_node_cert
 from hybridray.topology import load_topology
 from tests.cluster.plain_ray import PlainCluster, clean_env
 from tests.paths import CLUSTERS, ROOT
@@ -118,8 +117,8 @@ def test_attach_refuses_what_cannot_work_with_one_line_each(site, tmp_path):
     refused(hr([*base, "--token-file", str(tmp_path / "missing")], cwd=work, home=home),
             "does not exist")
     refused(hr([*base, "--no-tls"], cwd=work, home=home), "runs TLS", "--tls-dir")
-    create_ca(tmp_path / "other", "other")
-    issue_node_cert(tmp_path / "other", "local", [site["cluster"].ip])
+    ok(hr(["certs", str(CLUSTERS / "local.yaml"), "--out", str(tmp_path / "other")],
+          home=home))                                    # another cluster's CA
     refused(hr([*base, "--tls-dir", str(tmp_path / "other")], cwd=work, home=home),
             "not signed by")
     refused(hr([*base[:-1], str(tmp_path / "nope.yaml")], cwd=work, home=home), "nope.yaml")
@@ -148,7 +147,7 @@ def test_attach_reports_nodes_whose_labels_claim_more_than_their_site_as_drift(s
 
 
 def test_attach_with_the_files_hybridray_certs_wrote(site):
-    # no --token-file, no --tls-dir: secrets/token, secrets/ca.crt, secrets/nodes/local.crt
+    # no --token-file, no --tls-dir: secrets/token, secrets/trust.pem, a nodes/local-SITE.crt
     out = ok(hr(attach_args(site, NAME, "--dashboard", site["cluster"].dashboard),
                 cwd=site["work"], home=site["home"]))
     assert f"attached {NAME!r}" in out and "3 member node(s)" in out and "DRIFT" not in out
@@ -156,7 +155,7 @@ def test_attach_with_the_files_hybridray_certs_wrote(site):
     assert state.attached and state.nodes == [] and state.dashboard_url == \
         site["cluster"].dashboard
     assert state.token_path == str(site["work"] / "secrets" / "token")
-    assert state.tls["RAY_TLS_CA_CERT"] == str(site["work"] / "secrets" / "ca.crt")
+    assert state.tls["RAY_TLS_CA_CERT"] == str(site["work"] / "secrets" / "trust.pem")
     assert state.member_ids() == {n["node_id"] for n in site["nodes"]}
     assert state.topology().name == NAME
     refused(hr(attach_args(site, NAME), cwd=site["work"], home=site["home"]),

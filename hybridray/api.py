@@ -59,15 +59,23 @@ class Cluster:
                 pass
         return state.member_ids()
 
-    def drift(self) -> list:
-        """Live nodes placement must stay off (``membership.DriftNode``s); [] outside Ray."""
+    def drift(self, nodes: list | None = None) -> list:
+        """Live nodes placement must stay off (``membership.DriftNode``s); [] outside Ray.
+
+        A node of an ``up`` cluster whose Ray restarted under its recorded process (a host's
+        service loop after a partition heals) is recognised and recorded as a member.
+        """
         import ray
 
         if not ray.is_initialized():
             return []
-        from hybridray.cluster.membership import find_drift
+        from hybridray.cluster.membership import effective_members, find_drift, record_rejoined
 
-        return find_drift(self.topology, self.members(), ray.nodes())
+        nodes = ray.nodes() if nodes is None else nodes
+        self.members()                                   # read the record afresh
+        if self.state is not None and self.state.home:
+            record_rejoined(self.state, nodes)
+        return find_drift(self.topology, effective_members(self.state, nodes), nodes)
 
     def capacity(self, live: bool = True) -> Capacity:
         """Live capacity from Ray when connected (``live``), else the topology at full size;
@@ -77,9 +85,7 @@ class Cluster:
         if not ray.is_initialized():
             return Capacity.from_topology(self.topology)
         nodes = ray.nodes()
-        from hybridray.cluster.membership import find_drift
-
-        avoid = {d.node_id: d.why for d in find_drift(self.topology, self.members(), nodes)}
+        avoid = {d.node_id: d.why for d in self.drift(nodes)}
         if live:
             return Capacity.from_ray(avoid=avoid, nodes=nodes)
         return Capacity.from_topology(self.topology, avoid=avoid)

@@ -44,6 +44,7 @@ class LiveNode:
     node_id: str
     labels: dict[str, str]
     alive: bool = True
+    temp_dir: str = ""        # the node's Ray --temp-dir (which process started it)
 
     @property
     def site(self) -> str | None:
@@ -78,10 +79,14 @@ def live_nodes(nodes: Iterable[Any]) -> list[LiveNode]:
     for n in nodes:
         if isinstance(n, LiveNode):
             out.append(n)
-        elif isinstance(n, dict):
-            out.append(LiveNode(n["NodeID"], dict(n.get("Labels") or {}), bool(n.get("Alive"))))
+        elif isinstance(n, dict):   # ray.nodes(): the temp dir is the socket's prefix
+            socket_path = n.get("ObjectStoreSocketName") or ""
+            temp = socket_path.split("/session_", 1)[0] if "/session_" in socket_path else ""
+            out.append(LiveNode(n["NodeID"], dict(n.get("Labels") or {}), bool(n.get("Alive")),
+                                temp))
         else:
-            out.append(LiveNode(n.node_id, dict(n.labels), bool(n.alive)))
+            out.append(LiveNode(n.node_id, dict(n.labels), bool(n.alive),
+                                getattr(n, "temp_dir", "") or ""))
     return out
 
 
@@ -149,6 +154,44 @@ def find_drift(topology: Topology, members: set[str] | None,
         if reasons:
             out.append(DriftNode(node.node_id, node.site, node.key, reasons))
     return out
+
+
+def rejoined(state: ClusterState, nodes: Iterable[Any]) -> list[LiveNode]:
+    """Live non-members that are a process ``up`` started and still runs: a node whose Ray
+    restarted under the same recorded process (a host's service loop after a partition
+    heals) comes back with a new node id. It counts as a member when its ``hybridray.io/node``
+    key, its Ray temp dir and a live recorded process all match; nothing else does."""
+    if state.attached or not state.nodes:
+        return []
+    members = state.member_ids()
+    records = {r.key: r for r in state.nodes if r.temp_dir}
+    out = []
+    for node in live_nodes(nodes):
+        rec = records.get(node.key or "")
+        if (node.alive and node.node_id not in members and rec is not None
+                and node.temp_dir.rstrip("/") == rec.temp_dir.rstrip("/") and rec.alive()):
+            out.append(node)
+    return out
+
+
+def effective_members(state: ClusterState | None, nodes: Iterable[Any]) -> set[str] | None:
+    """The record's members plus the nodes ``rejoined`` recognises; None without a record."""
+    if state is None:
+        return None
+    return state.member_ids() | {n.node_id for n in rejoined(state, nodes)}
+
+
+def record_rejoined(state: ClusterState, nodes: Iterable[Any]) -> list[LiveNode]:
+    """Make ``rejoined`` nodes members in the record and the KV (best effort: skipped when
+    another process holds the cluster's lock; the next caller records them)."""
+    back = rejoined(state, nodes)
+    if back:
+        try:
+            add_members(state.name, [member_for(n, "rejoin") for n in back],
+                        home=state.home or None, wait=False)
+        except ClusterError:
+            pass
+    return back
 
 
 def member_for(node: LiveNode, how: str) -> Member:
@@ -261,7 +304,7 @@ def admit_nodes(name: str, node_ids: Iterable[str] | None = None, *, how: str = 
 
 
 def add_members(name: str, members: Iterable[Member], *, remove: Iterable[str] = (),
-                home: str | os.PathLike | None = None) -> ClusterState:
+                home: str | os.PathLike | None = None, wait: bool = True) -> ClusterState:
     """Record ``members`` (and drop the node ids in ``remove``) without reading the GCS:
     for a launcher that knows a node's id before the node registers, e.g. the provider
     behind Ray's autoscaler, so work never reaches the node before it is a member.
@@ -269,13 +312,14 @@ def add_members(name: str, members: Iterable[Member], *, remove: Iterable[str] =
     The caller vouches for the node's labels (it started the node with them); ``admit_nodes``
     is the checked way for nodes someone else started. Saves the record and mirrors it into
     the KV (best effort when the GCS cannot be reached: the next ``admit_nodes`` or
-    ``add_members`` mirrors it again).
+    ``add_members`` mirrors it again). ``wait`` False: raise ``ClusterError`` at once when
+    another process holds the cluster's lock.
     """
     from hybridray.cluster import mirror
     from hybridray.cluster.gcs import GcsView, reachable
     from hybridray.cluster.state import cluster_lock, load_state, save_state
 
-    with cluster_lock(name, home, wait=True):
+    with cluster_lock(name, home, wait=wait):
         state = load_state(name, home=home)
         if not state.members and state.nodes:
             state.members = [Member(n.node_id, n.site, n.key, n.pool, state.created_at, "up")

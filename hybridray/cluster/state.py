@@ -278,8 +278,8 @@ def cluster_lock(name: str, home: str | os.PathLike | None = None, *,
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
-            raise ClusterError(f"another hybridray up/down of {name!r} is running; wait for it "
-                               "to finish") from None
+            raise ClusterError(f"another hybridray up/down/admit of {name!r} is running; wait "
+                               "for it to finish") from None
         yield
     finally:
         os.close(fd)

@@ -17,7 +17,7 @@ from hybridray import labels as L
 from hybridray.audit import AuditLog
 from hybridray.cluster import mirror
 from hybridray.cluster.gcs import GcsNode, GcsView, reachable
-from hybridray.cluster.membership import find_drift
+from hybridray.cluster.membership import effective_members, find_drift, record_rejoined
 from hybridray.cluster.state import ClusterState, list_clusters, load_state
 from hybridray.exceptions import ClusterNotFound, ConfigError
 from hybridray.topology.models import Topology
@@ -108,7 +108,9 @@ def status(name: str, *, home: str | os.PathLike | None = None) -> dict[str, Any
             overall = "degraded"
     drift = []
     if gcs["reachable"] and topology is not None:
-        drift = [d.to_json() for d in find_drift(topology, state.member_ids(), seen)]
+        record_rejoined(state, seen)          # an up node whose Ray restarted in its process
+        drift = [d.to_json() for d in find_drift(topology, effective_members(state, seen),
+                                                 seen)]
     return {
         "name": state.name, "origin": state.origin, "state": overall,
         "address": state.address, "dashboard_url": state.dashboard_url,
@@ -158,9 +160,10 @@ def _attached_nodes(state: ClusterState, topology: Topology | None, seen: list[G
         running = bool(gcs_alive)
         labels = info.labels if info else {}
         price = _pool_price(topology, m.site, m.pool) if running else 0.0
+        role = labels.get(L.ROLE, "worker" if m.pool else "head")
         nodes.append({
-            "key": m.key or f"{m.site}.{m.pool or 'node'}.{m.node_id[:8]}", "site": m.site,
-            "pool": m.pool, "role": labels.get(L.ROLE, "worker" if m.pool else "head"),
+            "key": m.key or f"{m.site}.{m.pool or role}.{m.node_id[:8]}", "site": m.site,
+            "pool": m.pool, "role": role,
             "index": i, "pid": None, "node_id": m.node_id, "process_alive": None,
             "gcs_alive": gcs_alive, "running": running,
             **_resources(info, 0.0, 0.0), "price_per_hour": price,

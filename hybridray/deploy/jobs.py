@@ -136,11 +136,12 @@ def _drift(state, topology) -> dict[str, str]:
     """Live nodes that are not members of the cluster (or claim more than their site may
     hold): node id -> why."""
     from hybridray.cluster.gcs import GcsView
-    from hybridray.cluster.membership import find_drift
+    from hybridray.cluster.membership import effective_members, find_drift
 
     with GcsView(state.address, state.token_path, state.tls) as gcs:
         nodes = gcs.nodes()
-    return {d.node_id: d.why for d in find_drift(topology, state.member_ids(), nodes)}
+    return {d.node_id: d.why
+            for d in find_drift(topology, effective_members(state, nodes), nodes)}
 
 
 def _driver_site(node_id: str | None, state) -> str | None:

@@ -177,7 +177,7 @@ def test_attach_refuses_bad_input_before_touching_anything(tmp_path, capsys):
     with pytest.raises(ClusterNotFound, match="not a cluster name"):
         A.attach("Bad Name", "127.0.0.1:1", CLUSTERS / "local.yaml", token_path=token,
                  home=tmp_path)
-    with pytest.raises(ClusterError, match="holds no ca.crt"):
+    with pytest.raises(ClusterError, match="holds no trust.pem or ca.crt"):
         A.tls_from_dir(tmp_path)
     _attached_record(tmp_path, "taken")
     with pytest.raises(ClusterError, match="already attached"):
@@ -198,3 +198,30 @@ def test_a_launcher_adds_and_removes_members_before_they_register(tmp_path):
     assert state.members[-1].how == "autoscaler" and state.members[-1].admitted_at
     add_members("elastic", [], remove=["a" * 56], home=tmp_path)
     assert load_state("elastic", home=tmp_path).member_ids() == {"e" * 56}
+
+
+def test_an_up_node_whose_ray_restarted_in_its_recorded_process_is_recognised():
+    import os
+
+    from hybridray.cluster.plan import NODE
+    from hybridray.cluster.state import process_start_time
+
+    me = os.getpid()        # stands in for the node's service loop: alive, ours
+    rec = NodeRecord(key="cloud-b.spot.0", site="cloud-b", pool="spot", role="worker",
+                     index=0, pid=me, pgid=me, start_time=process_start_time(me), log="",
+                     temp_dir="/tmp/hr-x/3", node_id="a" * 56)
+    state = ClusterState(name="n", address="h:1", token_path="t", temp_dir="", home="",
+                         nodes=[rec], members=[Member("a" * 56, "cloud-b", rec.key)])
+    labels = {**_labels("cloud-b"), NODE: rec.key}
+    back = M.LiveNode("b" * 56, labels, temp_dir="/tmp/hr-x/3")             # new node id
+    impostor = M.LiveNode("c" * 56, labels, temp_dir="/tmp/elsewhere")     # same key only
+    assert [n.node_id for n in M.rejoined(state, [back, impostor])] == ["b" * 56]
+    assert M.effective_members(state, [back, impostor]) == {"a" * 56, "b" * 56}
+    assert [d.node_id for d in M.find_drift(TOPO, M.effective_members(state, [back, impostor]),
+                                            [back, impostor])] == ["c" * 56]
+    # ray.nodes() gives the temp dir through the object store socket's path
+    raw = {"NodeID": "b" * 56, "Alive": True, "Labels": labels,
+           "ObjectStoreSocketName": "/tmp/hr-x/3/session_2026/sockets/plasma_store"}
+    assert M.live_nodes([raw])[0].temp_dir == "/tmp/hr-x/3"
+    rec.start_time += 1     # the recorded process is gone (a recycled pid): not ours
+    assert M.rejoined(state, [back]) == []

@@ -66,7 +66,7 @@ def _drain(name: str) -> None:
 
 def _resolve(target: str, overrides: list[str]) -> tuple[Topology, object | None]:
     """A cluster file, or the recorded topology of a cluster brought up by name."""
-    if Path(target).exists() or target.endswith((".yaml", ".yml")):
+    if Path(target).is_file() or target.endswith((".yaml", ".yml")):
         return load_topology(target, overrides), None
     from hybridray import cluster as lifecycle
 

@@ -264,7 +264,8 @@ open(sys.argv[1], "w").write(json.dumps(seen))   # job stdout is not reliably sh
 def test_submit_places_the_entrypoint_and_the_job_finds_the_cluster_through_ray(site,
                                                                                tmp_path):
     (tmp_path / "job.py").write_text(JOB)
-    out = ok(hr(["submit", "--cluster", NAME, "--site", "cloud-a", "--working-dir",
+    out = ok(hr(["submit", "--cluster", NAME, "--site", "cloud-a", "--data-class", "internal",
+                 "--working-dir",
                  str(tmp_path), "--", "python", "job.py", str(tmp_path / "seen.json")],
                 home=site["home"]))
     assert "SUCCEEDED" in out and "its entrypoint ran at site cloud-a" in out

@@ -82,16 +82,31 @@ def _counted_hook(hook: Any, meter: ByteMeter, scope: str, element_bytes: int | 
 
 def _counted_powersgd(meter: ByteMeter, scope: str):
     """PowerSGD wrapped to count what it sends: the whole bucket during its plain all-reduce
-    warm-up, afterwards the P and Q factors plus the tensors it leaves uncompressed."""
+    warm-up, afterwards the P and Q factors plus the tensors it leaves uncompressed.
+
+    One bucket at a time: PowerSGD issues a bucket's P and Q all-reduces from callbacks of
+    its futures, on the process group's threads, while backward goes on issuing the next
+    bucket's from its own thread. Which comes first depends on timing, and the ranks of a
+    collective must issue it in the same order (Gloo pairs them by that order; over a slow
+    link the ranks disagree and Gloo aborts with "Received data size doesn't match expected
+    size"). So a bucket's hook first waits for the previous bucket's whole exchange: every
+    rank then issues U0 P0 Q0 U1 P1 Q1 ... Backward waits for the link a little longer; the
+    bytes sent are the same.
+    """
     from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as P
 
+    previous: list[Any] = []          # the future of the last bucket this rank started
+
     def counted(state, bucket):
+        if previous:
+            previous.pop().wait()
         buf = bucket.buffer()
         vanilla = state.iter < state.start_powerSGD_iter
         before = state.total_numel_after_compression
         fut = P.powerSGD_hook(state, bucket)
         sent = buf.numel() if vanilla else state.total_numel_after_compression - before
         meter.add(sent * buf.element_size(), scope=scope)
+        previous.append(fut)
         return fut
 
     return counted

@@ -42,7 +42,6 @@ from hybridray.cluster.state import (
     load_state,
     now_iso,
     save_state,
-    state_file,
 )
 from hybridray.exceptions import ClusterError, ClusterNotFound, ConfigError
 from hybridray.topology.models import Topology
@@ -125,14 +124,9 @@ def attach(name: str, address: str, topology: Topology | str | os.PathLike, *,
     topo = _topology(name, topology, overrides)
     token = _token(token_path)
     tls_env = tls_from_dir(tls) if isinstance(tls, (str, os.PathLike)) else dict(tls or {})
-    try:
-        host, port = split_address(address)
-    except ValueError:
-        raise ClusterError(f"--address {address!r}: give the head's GCS as HOST:PORT, e.g. "
-                           "10.20.0.5:6379") from None
+    host = _split(address)[0]
     _refuse_existing(name, home)
-    _probe_tcp(address, host, port)
-    _probe_tls(address, host, port, tls_env)
+    probe(address, tls_env)
     url = _dashboard(dashboard_url, host, token, probe_dashboard, say)
 
     home_path = hybridray_home(home).expanduser().absolute()
@@ -147,41 +141,88 @@ def attach(name: str, address: str, topology: Topology | str | os.PathLike, *,
         origin=ORIGIN_ATTACH)
     with cluster_lock(name, home_path, wait=True):
         _refuse_existing(name, home_path)
-        with _gcs(state) as view:
-            nodes = _wait_for(view, wait_nodes, wait_s, address)
-            result = membership.admit(state, topo, nodes, how="attach")
-            if not result.admitted:
-                raise ClusterError(_no_fit(topo, nodes, result.drift, address))
-            cluster_dir(name, home_path).mkdir(parents=True, exist_ok=True, mode=0o700)
-            save_state(state)
-            try:
-                mirror.publish(view, state, topo)
-            except Exception as e:
-                state_file(name, home_path).unlink(missing_ok=True)
-                raise ClusterError(f"cannot write hybridray's record into the cluster's KV "
-                                   f"({type(e).__name__}: {e}); nothing was recorded") from None
-    from hybridray.audit import AuditLog
-
-    audit = AuditLog.for_cluster(name, home_path)
-    audit.record("attach", cluster=name, address=address, members=len(state.members),
-                 drift=len(result.drift), dashboard=url, tls=bool(tls_env))
+        result = enroll(state, topo, wait_nodes=wait_nodes, wait_s=wait_s, how="attach")
     sites = sorted({m.site for m in state.members})
     say(f"attached {name!r} at {address}: {len(state.members)} member node(s) at "
         f"{', '.join(sites)}; dashboard {url or 'none'}; TLS {'on' if tls_env else 'off'}")
-    for m in state.members:
-        say(f"  member {m.node_id[:12]}  {m.site:<10} {m.key or m.pool or ''}")
+    report(state, result, "attach", say, dashboard=url, tls=bool(tls_env))
     for site_name, site in topo.sites.items():
         root = site.storage.root
         if root.startswith("file://") and not Path(root[len("file://"):]).is_dir():
             say(f"  note: site {site_name}'s storage root {root} is not on this machine; "
                 "sync and ls read and commit from here, so mount it at the same path (or "
                 "use s3:// or gs://)")
+    return state
+
+
+def probe(address: str, tls: dict[str, str]) -> None:
+    """Check from this machine that a GCS answers at ``address`` and speaks TLS exactly when
+    ``tls`` is given, trusting its certificate and trusted by it (one line per failure)."""
+    host, port = _split(address)
+    _probe_tcp(address, host, port)
+    _probe_tls(address, host, port, tls)
+
+
+def _split(address: str) -> tuple[str, int]:
+    try:
+        return split_address(address)
+    except ValueError:
+        raise ClusterError(f"--address {address!r}: give the head's GCS as HOST:PORT, e.g. "
+                           "10.20.0.5:6379") from None
+
+
+def enroll(state: ClusterState, topology: Topology, *, wait_nodes: int = 0,
+           wait_s: float = 120.0, node_ids: list[str] | None = None,
+           how: str = "attach") -> membership.Admission:
+    """Record who belongs to the running cluster ``state`` describes, and publish the record:
+    the one path by which ``attach`` and ``up --hosts netns`` write a cluster record.
+
+    Waits (up to ``wait_s``) for ``wait_nodes`` live nodes, admits the live nodes whose labels
+    fit ``topology`` (``node_ids``: exactly those nodes, each of which must fit), saves
+    ``state`` and mirrors it into the cluster's KV for the workers' guard. Every other live
+    node is drift (``Admission.drift``). The caller holds the cluster's lock.
+
+    Raises:
+        ClusterError: the GCS refuses the token or cannot be read, too few nodes come up, no
+            node fits (or one of ``node_ids`` does not), or the KV cannot be written; then
+            nothing new is recorded.
+    """
+    address = state.address
+    with _gcs(state) as view:
+        nodes = _wait_for(view, wait_nodes, wait_s, address)
+        result = membership.admit(state, topology, nodes, node_ids=node_ids, how=how,
+                                  first=not state.members)
+        if node_ids is not None and result.refused:
+            bad = result.refused[0]
+            raise ClusterError(f"node {bad.key or bad.node_id[:12]} at {address} was started "
+                               f"with labels that do not fit topology {topology.name!r} "
+                               f"({bad.why}); fix the labels its start script gives it")
+        if not result.admitted and not state.members:
+            raise ClusterError(_no_fit(topology, nodes, result.drift, address))
+        try:
+            mirror.publish(view, state, topology)
+        except Exception as e:
+            raise ClusterError(f"cannot write hybridray's record into the cluster's KV "
+                               f"({type(e).__name__}: {e}); nothing was recorded") from None
+        cluster_dir(state.name, state.home).mkdir(parents=True, exist_ok=True, mode=0o700)
+        save_state(state)
+    return result
+
+
+def report(state: ClusterState, result: membership.Admission, event: str, say: Say, *,
+           list_members: bool = True, **fields: Any) -> None:
+    """Audit what ``enroll`` recorded (``event``: ``attach`` or ``up``) and say it: each
+    member (``list_members``), and each drift node with the reasons it is never placed on."""
+    audit = _audit(state)
+    audit.record(event, cluster=state.name, address=state.address,
+                 members=len(state.members), drift=len(result.drift), **fields)
+    for m in state.members if list_members else ():
+        say(f"  member {m.node_id[:12]}  {m.site:<10} {m.key or m.pool or ''}")
     if result.drift:
-        audit.record("drift", cluster=name, action="reported",
+        audit.record("drift", cluster=state.name, action="reported",
                      nodes=[d.to_json() for d in result.drift])
         for d in result.drift:
             say(f"  DRIFT  {d.node_id[:12]}  site {d.site or '?'}: {d.why}; never placed on")
-    return state
 
 
 def detach(name: str, *, home: str | os.PathLike | None = None) -> ClusterState:
@@ -323,6 +364,11 @@ def _probe_tls(address: str, host: str, port: int, tls: dict[str, str]) -> None:
                            f"{tls['RAY_TLS_SERVER_CERT']} ({_first_line(error)}); it must be "
                            "signed by the cluster's CA: issue one with hybridray certs "
                            "FILE --out DIR --host $(hostname)")
+
+
+def check_dashboard(url: str, host: str, token: Path) -> str:
+    """``url`` when a Ray dashboard answers there and accepts ``token``; else ClusterError."""
+    return _dashboard(url, host, token, True, lambda line: None) or url
 
 
 def _dashboard(url: str | None, host: str, token: Path, probe: bool, say: Say) -> str | None:

@@ -225,15 +225,19 @@ def resolve_ids(wanted: Iterable[str], nodes: list[LiveNode]) -> list[str]:
 
 
 def admit(state: ClusterState, topology: Topology, nodes: Iterable[Any], *,
-          node_ids: Iterable[str] | None = None, how: str = "admit") -> Admission:
+          node_ids: Iterable[str] | None = None, how: str = "admit",
+          first: bool = False) -> Admission:
     """Add live nodes to ``state.members`` (in memory) and prune members that died.
 
     ``node_ids`` None admits every live non-member whose labels fit the topology; otherwise
-    only those (a node whose labels do not fit is refused, never admitted).
+    only those (a node whose labels do not fit is refused, never admitted). ``first``: the
+    record is taking its members for the first time (``attach``, ``up --hosts netns``), so
+    its started nodes are not carried over as members unchecked, as they are for a record
+    written before membership existed.
     """
     seen = live_nodes(nodes)
     by_id = {n.node_id: n for n in seen}
-    if not state.members and state.nodes:      # a record from before membership existed
+    if not first and not state.members and state.nodes:   # from before membership existed
         state.members = [Member(n.node_id, n.site, n.key, n.pool, state.created_at, "up")
                          for n in state.nodes if n.node_id]
     result = Admission()

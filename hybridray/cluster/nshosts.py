@@ -95,6 +95,7 @@ def up(topology: Topology, *, state: ClusterState, specs: list[NodeSpec],
     for spec in specs[1:]:
         _launch(state, rec, spec, hosts_dir)
     _wait_registered(state, specs, timeout, say, started)
+    _enroll(state, len(specs), timeout, say)
 
 
 # ---- certificates and scripts ---------------------------------------------------------------
@@ -296,6 +297,45 @@ def _wait_registered(state: ClusterState, specs: list[NodeSpec], timeout: float,
             if pending:
                 time.sleep(0.3)
     save_state(state)
+
+
+def _enroll(state: ClusterState, count: int, timeout: float, say) -> None:
+    """Record the running hosts the way ``hybridray attach`` records a cluster an operator
+    runs: probe the head's GCS from the operator's side (TCP, then mutual TLS with the
+    head's certificate, which names its IP), wait for its dashboard, admit the nodes the
+    scripts started (each must carry labels that fit the topology), report any other live
+    node as drift, save the record and mirror it into the cluster's KV for the workers'
+    guard. One record shape however the cluster came to be; ``down`` still owns the hosts."""
+    from hybridray.cluster import attachment
+
+    attachment.probe(state.address, state.tls)
+    if state.dashboard_url:
+        _wait_dashboard(state, timeout)
+    result = attachment.enroll(state, state.topology(), wait_nodes=count, wait_s=timeout,
+                               node_ids=[n.node_id for n in state.nodes if n.node_id],
+                               how="up")
+    say(f"  recorded as attach records a cluster: GCS {state.address} answers over mutual "
+        f"TLS, dashboard {state.dashboard_url or 'off'}, {len(state.members)} member node(s) "
+        f"whose labels fit the topology, {len(result.drift)} drift")
+    attachment.report(state, result, "up", say, list_members=False, hosts="netns",
+                      dashboard=state.dashboard_url, tls=True)
+
+
+def _wait_dashboard(state: ClusterState, timeout: float) -> None:
+    """Until the head's dashboard (and Jobs API) answers with the cluster's token."""
+    from hybridray.cluster import attachment
+
+    url = state.dashboard_url
+    host = state.address.rsplit(":", 1)[0]
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            attachment.check_dashboard(url, host, Path(state.token_path))
+            return
+        except ClusterError:
+            if time.monotonic() > deadline or not state.head.alive():
+                raise
+        time.sleep(0.5)
 
 
 def _failure(state: ClusterState, key: str, why: str) -> ClusterError:

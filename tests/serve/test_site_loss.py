@@ -29,7 +29,7 @@ def test_losing_a_site_moves_its_traffic_to_the_other_site(hybridray_home):
     source = "cloud-a:checkpoints/serve-site-loss"
     fs, path = parse_address(source, topology).resolve(topology)
     make_checkpoint(f"{path}/checkpoint_000001", data_class="internal", site="cloud-a",
-                    steps=40)
+                    steps=40, cluster=topology.name, home=hybridray_home)
     state = up(topology, source_file=CLUSTERS / "local.yaml", overrides=["name=t-serve-loss"],
                home=hybridray_home, dashboard=False, timeout=180)
     try:

@@ -1,6 +1,6 @@
 """WAN-aware training measured in time: one worker per site over a link shaped to 50 Mbit/s.
 
-    sudo python benchmarks/bench_wan.py                         # 2 repeats of each mode
+    flock /tmp/hybridray-heavy.lock .venv/bin/python benchmarks/bench_wan.py --repeats 2  # as root
     sudo python benchmarks/bench_wan.py --repeats 3 --steps 64 --modes fp32,bf16,powersgd,diloco
 
 Needs root: it starts ``clusters/local.yaml`` as namespace hosts (``--hosts netns``, cloud-b
@@ -14,11 +14,13 @@ at cloud-a, so every gradient exchange crosses the shaped link:
 * ``diloco``: local steps, an outer Nesterov step every ``--sync-every`` steps.
 
 Each run reports tokens/s (steady: the log windows after the first) and the eval loss at the
-end, i.e. at equal tokens. Runs of the modes alternate, so every mode sees the same machine
-load. Then the link itself: a raw TCP transfer on-prem -> cloud-a (the best the link allows)
-and ``hybridray sync`` of a dataset over it, each against the shaped rate. Prints one
-Markdown table with the command, the commit, the load before and after, every repeat, the
-median and the spread (max - min).
+end, i.e. at equal tokens, the bytes per step the hooks put into collectives across the sites
+(the ring model) and the bytes the shaped link really carried per step (its tc counters, both
+directions). Runs of the modes alternate, so every mode sees the same machine load; each
+ratio to plain DDP is paired (per repeat). Then the link itself: a raw TCP transfer on-prem ->
+cloud-a (the best the link allows) and ``hybridray sync`` of a dataset over it, each against
+the shaped rate. Prints the tables in ``benchmarks/common.py``'s format: the command, the
+commit, the load before and after, every repeat, the median and the spread.
 """
 
 from __future__ import annotations
@@ -35,9 +37,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import Section, paired, repeats_table  # noqa: E402
 
 LOCAL_YAML = ROOT / "clusters" / "local.yaml"
 MODES = ("fp32", "bf16", "powersgd", "diloco")
+LABELS = {"fp32": "plain DDP (fp32 all-reduce)", "bf16": "DDP + bf16 compression hook",
+          "powersgd": "DDP + PowerSGD hook", "diloco": "DiLoCo (outer step every N)",
+          "localsgd": "local SGD (average every N)", "fp16": "DDP + fp16 compression hook"}
 
 
 def train_overrides(args, mode: str) -> list[str]:
@@ -109,37 +117,34 @@ def on_head(state, argv: list[str], env: dict) -> dict:
     return data
 
 
-def commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                             capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except OSError:
-        return "?"
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--mbps", type=float, default=50.0,
+                   help="rate of the onprem <-> cloud-a link, each way (default 50)")
+    p.add_argument("--steps", type=int, default=48)
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--block", type=int, default=64)
+    p.add_argument("--sync-every", type=int, default=8)
+    p.add_argument("--max-files", type=int, default=60)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--sync-mib", type=int, default=24)
+    p.add_argument("--inner-train", nargs=2, metavar=("CLUSTER", "MODE"), help=argparse.SUPPRESS)
+    p.add_argument("--inner-sync", metavar="CLUSTER", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    return p
 
 
-def load() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+def link_bytes(rec) -> int:
+    """Bytes the onprem <-> cloud-a link carried so far, both directions (tc counters)."""
+    from hybridray.cluster import netns
+
+    return (netns.class_bytes(rec, "onprem", "cloud-a")
+            + netns.class_bytes(rec, "cloud-a", "onprem"))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mbps", type=float, default=50.0)
-    parser.add_argument("--steps", type=int, default=48)
-    parser.add_argument("--micro-batch", type=int, default=8)
-    parser.add_argument("--block", type=int, default=64)
-    parser.add_argument("--sync-every", type=int, default=8)
-    parser.add_argument("--max-files", type=int, default=60)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--modes", default=",".join(MODES))
-    parser.add_argument("--sync-mib", type=int, default=24)
-    parser.add_argument("--inner-train", nargs=2, metavar=("CLUSTER", "MODE"),
-                        help=argparse.SUPPRESS)
-    parser.add_argument("--inner-sync", metavar="CLUSTER", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     if args.inner_train or args.inner_sync:
         data = (inner_train(*args.inner_train, args) if args.inner_train
                 else inner_sync(args.inner_sync, args.sync_mib))
@@ -154,9 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_wan: {reason}", file=sys.stderr)
         return 2
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    cmd = "python benchmarks/bench_wan.py " + " ".join(argv if argv is not None
-                                                       else sys.argv[1:])
-    load_before = load()
+    section = Section(__file__, argv)
     home = tempfile.mkdtemp(prefix="hr-bench-wan-")
     os.environ["HYBRIDRAY_HOME"] = home
     overrides = ["name=bench-wan", "sites.cloud-b.pools[0].count=0",
@@ -180,55 +183,74 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.repeats):
             tcp.append(netns.transfer(src.netns, dst.netns, dst.ip, 16))
             for mode in modes:
-                runs[mode].append(on_head(state, ["--inner-train", state.name, mode,
-                                                  *passthrough], env))
+                before = link_bytes(rec)
+                run = on_head(state, ["--inner-train", state.name, mode, *passthrough], env)
+                if "failed" not in run:
+                    run["link_bytes_per_step"] = (link_bytes(rec) - before) / run["steps"]
+                runs[mode].append(run)
             sync = on_head(state, ["--inner-sync", state.name, f"--sync-mib={args.sync_mib}"],
                            env)
             if "failed" not in sync:
                 syncs.append(sync)
     finally:
         down(state.name, home=home)
-    load_after = load()
-
-    def spread(values: list[float]) -> float:
-        return max(values) - min(values)
-
-    print(f"\n`sudo {cmd.strip()}` — commit {commit()}, {os.cpu_count()} CPUs, load "
-          f"{load_before} before / {load_after} after; namespace hosts, onprem <-> cloud-a "
-          f"shaped to {args.mbps:g} Mbit/s each way (tc HTB"
-          f"{'' if rec.netem else '; no netem here, so no added latency'}); small GPT "
-          f"({args.block}-token blocks), 2 workers (onprem, cloud-a) x micro-batch "
-          f"{args.micro_batch}, {args.steps} steps = equal tokens; {args.repeats} repeats\n")
-    print("| run | each repeat: tokens/s | median tokens/s | spread | vs plain DDP | "
-          "eval loss (median) | WAN bytes/step |")
-    print("|---|---|---:|---:|---:|---:|---:|")
-    base = statistics.median(r["tokens_per_s"] for r in runs[modes[0]]
-                             if "failed" not in r) if modes[0] == "fp32" else 0
-    for mode in modes:
-        failed = [r["failed"] for r in runs[mode] if "failed" in r]
-        runs[mode] = [r for r in runs[mode] if "failed" not in r]
-        if not runs[mode]:
-            print(f"| wan.mode={mode} | failed: {failed[0][:160]} | | | | | |")
-            continue
-        tps = [r["tokens_per_s"] for r in runs[mode]]
-        loss = statistics.median(r["eval_loss"] for r in runs[mode])
-        wan_bytes = statistics.median(r["cross_site_bytes_per_step"] for r in runs[mode])
-        label = "plain DDP (fp32 all-reduce)" if mode == "fp32" else f"wan.mode={mode}"
-        print(f"| {label} | {', '.join(f'{x:,.0f}' for x in tps)} | "
-              f"{statistics.median(tps):,.0f} | {spread(tps):,.0f} | "
-              f"{statistics.median(tps) / base if base else float('nan'):.2f}x | {loss:.4f} | "
-              f"{wan_bytes / 1e6:.2f} MB |" + (f" ({len(failed)} failed)" if failed else ""))
-    sync_rates = [s["mbit_per_s"] for s in syncs] or [float("nan")]
-    print(f"| raw TCP onprem -> cloud-a (16 MiB) | {', '.join(f'{x:.1f}' for x in tcp)} "
-          f"Mbit/s | {statistics.median(tcp):.1f} Mbit/s | {spread(tcp):.1f} | "
-          f"{statistics.median(tcp) / args.mbps:.2f}x of the link | | |")
-    print(f"| hybridray sync onprem -> cloud-a ({args.sync_mib} MiB) | "
-          f"{', '.join(f'{x:.1f}' for x in sync_rates)} Mbit/s | "
-          f"{statistics.median(sync_rates):.1f} Mbit/s | {spread(sync_rates):.1f} | "
-          f"{statistics.median(sync_rates) / args.mbps:.2f}x of the link | | |")
-    sites = {m: runs[m][0]["sites"] for m in modes if runs[m]}
-    print(f"\nworker sites: {sites}")
+    print(report(section, args, modes, runs, tcp, syncs, rec))
     return 0
+
+
+def report(section: Section, args, modes: list[str], runs: dict[str, list[dict]],
+           tcp: list[float], syncs: list[dict], rec) -> str:
+    nan = float("nan")
+
+    def values(mode: str, key: str, scale: float = 1.0) -> list[float]:
+        return [r[key] / scale if "failed" not in r and r.get(key) is not None else nan
+                for r in runs[mode]]
+
+    what = (f"Namespace hosts (clusters/local.yaml, cloud-b left out), onprem <-> cloud-a "
+            f"shaped to {args.mbps:g} Mbit/s each way by tc HTB"
+            f"{'' if rec.netem else ' (no netem qdisc here, so no added latency)'}; small GPT "
+            f"({args.block}-token blocks), 2 workers of 2 CPUs (one onprem, one at cloud-a) x "
+            f"micro-batch {args.micro_batch}, {args.steps} steps each, so every mode trains on "
+            f"the same tokens; PowerSGD rank 2 from step 4, DiLoCo outer step every "
+            f"{args.sync_every}; {args.repeats} interleaved repeats")
+    rows: list[tuple[str, list[float], str]] = []
+    for mode in modes:
+        rows.append((f"{LABELS.get(mode, mode)}: tokens/s", values(mode, "tokens_per_s"),
+                     "{:,.0f}"))
+        if mode != "fp32" and "fp32" in modes:
+            rows.append(("  ÷ plain DDP (paired)", paired(values(mode, "tokens_per_s"),
+                                                          values("fp32", "tokens_per_s")),
+                         "{:.2f}x"))
+    for mode in modes:
+        rows.append((f"{LABELS.get(mode, mode)}: eval loss at the end",
+                     values(mode, "eval_loss"), "{:.4f}"))
+    for mode in modes:
+        rows.append((f"{LABELS.get(mode, mode)}: MB/step over the link (tc)",
+                     values(mode, "link_bytes_per_step", 1e6), "{:.2f}"))
+        rows.append(("  MB/step in collectives across sites (ring model)",
+                     values(mode, "cross_site_bytes_per_step", 1e6), "{:.2f}"))
+    out = [section.header(what), repeats_table(rows, "measure (per repeat)"), ""]
+    for mode in modes:
+        for i, r in enumerate(runs[mode]):
+            if "failed" in r:
+                out.append(f"- {mode}, repeat {i + 1} failed: {r['failed']}")
+    sites = {m: next((r["sites"] for r in runs[m] if "failed" not in r), None) for m in modes}
+    out.append(f"\nWorker sites per mode: {sites}\n")
+    sync_rates = [s["mbit_per_s"] for s in syncs]
+    link = [
+        ("raw TCP onprem -> cloud-a, 16 MiB: Mbit/s", tcp, "{:.1f}"),
+        ("  ÷ link rate", [x / args.mbps for x in tcp], "{:.2f}x"),
+        (f"hybridray sync onprem -> cloud-a, {args.sync_mib} MiB: Mbit/s", sync_rates,
+         "{:.1f}"),
+        ("  ÷ link rate", [x / args.mbps for x in sync_rates], "{:.2f}x"),
+    ]
+    out += [section.header(f"The shaped link itself ({args.mbps:g} Mbit/s): a raw TCP "
+                           "transfer and hybridray sync of random (incompressible) Parquet, "
+                           "one per repeat"),
+            repeats_table(link, "measure (per repeat)")]
+    if len(syncs) < args.repeats:
+        out.append(f"\n{args.repeats - len(syncs)} sync run(s) failed (see stderr)")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

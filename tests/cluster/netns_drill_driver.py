@@ -24,7 +24,7 @@ from pathlib import Path
 
 DEADLINE_S = 240        # of any one wait
 STEADY = 24             # requests answered before the cut (cloud-b among them)
-TRAIN_STEPS = 1200      # well past the cut on a 2-core machine; the driver waits for the end
+TRAIN_STEPS = 2000      # past the GCS's verdict on the cut; the driver waits for the end
 TRAIN_WARM_STEPS = 5    # the cut comes only once the training has taken this many steps
 
 
@@ -60,6 +60,40 @@ def main(cluster_name: str, port: int, workdir: str) -> dict:
     write_tickets(onprem / "drill", files=2, rows=200)
     v1 = sync_dataset("onprem:drill", "cloud-b:drill", cluster=cluster, mask=str(mask))
     write_tickets(onprem / "drill", files=3, rows=200, seed=7)   # what v2 would carry
+
+    # training on-prem, long enough to run through the whole drill
+    train_out: dict = {}
+
+    def run_training() -> None:
+        t0 = time.time()
+        try:
+            r = train({"name": "drill"}, cluster, progress=False, overrides=[
+                "model.block_size=32", "train.micro_batch=4", "train.eval_batches=2",
+                "train.warmup_steps=2", "train.max_failures=1", "data.max_files=12",
+                "data.shard_files=6", "metrics.progress=false", "train.workers=1",
+                f"train.steps={TRAIN_STEPS}", "train.log_interval=100",
+                f"train.eval_interval={TRAIN_STEPS}", f"train.checkpoint_interval={TRAIN_STEPS}"])
+            train_out.update(ok=True, steps=r.steps, planned=TRAIN_STEPS, restarts=r.restarts,
+                             sites=r.worker_sites, attempts=len(r.attempts),
+                             stepping_since=r.attempts[0]["started_at"] if r.attempts else None)
+        except Exception as e:
+            train_out.update(ok=False, error=repr(e)[:500])
+        train_out.update(started=t0, ended=time.time())
+
+    def training_step() -> int:
+        """The step the training reports to its progress board (a named actor on the head)."""
+        import ray
+
+        try:
+            boards = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                      if a["name"].startswith("hybridray-train-")]
+            return max((ray.get(ray.get_actor(b).poll.remote(0), timeout=5)["step"]
+                        for b in boards), default=0)
+        except Exception:
+            return 0
+
+    trainer = threading.Thread(target=run_training, daemon=True)
+    trainer.start()      # Ray Train's start-up overlaps the deployment below
 
     token = "drill-token-" + "q" * 24
     os.environ["HYBRIDRAY_SERVE_TOKENS"] = token
@@ -118,39 +152,6 @@ models:
                     errors.append(f"{now} after retry: {e!r}"[:200])
             time.sleep(0.05)
 
-    # training on-prem, long enough to run through the whole drill
-    train_out: dict = {}
-
-    def run_training() -> None:
-        t0 = time.time()
-        try:
-            r = train({"name": "drill"}, cluster, progress=False, overrides=[
-                "model.block_size=32", "train.micro_batch=4", "train.eval_batches=2",
-                "train.warmup_steps=2", "train.max_failures=1", "data.max_files=12",
-                "data.shard_files=6", "metrics.progress=false", "train.workers=1",
-                f"train.steps={TRAIN_STEPS}", "train.log_interval=100",
-                f"train.eval_interval={TRAIN_STEPS}", f"train.checkpoint_interval={TRAIN_STEPS}"])
-            train_out.update(ok=True, steps=r.steps, restarts=r.restarts,
-                             sites=r.worker_sites, attempts=len(r.attempts),
-                             stepping_since=r.attempts[0]["started_at"] if r.attempts else None)
-        except Exception as e:
-            train_out.update(ok=False, error=repr(e)[:500])
-        train_out.update(started=t0, ended=time.time())
-
-    def training_step() -> int:
-        """The step the training reports to its progress board (a named actor on the head)."""
-        import ray
-
-        try:
-            boards = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                      if a["name"].startswith("hybridray-train-")]
-            return max((ray.get(ray.get_actor(b).poll.remote(0), timeout=5)["step"]
-                        for b in boards), default=0)
-        except Exception:
-            return 0
-
-    trainer = threading.Thread(target=run_training, daemon=True)
-    trainer.start()
     threads = [threading.Thread(target=loop, args=(i,), daemon=True) for i in range(4)]
     for t in threads:
         t.start()

@@ -19,6 +19,7 @@ from pathlib import Path
 from hybridray.cluster.auth import write_token
 from hybridray.cluster.plan import NodeSpec, plan_nodes
 from hybridray.cluster.ports import check_pinned, free_ports
+from hybridray.cluster.roots import check_storage_is_own, claim_storage
 from hybridray.cluster.startup import MAX_ATTEMPTS, Progress, Startup
 from hybridray.cluster.state import (
     ClusterState,
@@ -82,7 +83,8 @@ def up(topology: Topology, *, source_file: str | os.PathLike | None = None,
 
     Raises:
         ClusterError: a site is not local, a pinned port is taken, the cluster is already
-            up, or a node failed to start (everything started is stopped again first).
+            up, another cluster uses its storage (``hybridray.cluster.roots``), or a node
+            failed to start (everything started is stopped again first).
     """
     say = progress or (lambda line: None)
     if not Path("/proc/self/stat").exists():
@@ -104,6 +106,7 @@ def up(topology: Topology, *, source_file: str | os.PathLike | None = None,
     given_tls = _given_tls(tls) if isinstance(tls, dict) else {}  # checked before any change
     with cluster_lock(name, home_path):
         _clear_stale(name, home_path)
+        check_storage_is_own(topology, home_path, simulate=simulate)
         check_pinned({"--port": port, "--dashboard-port": dashboard_port})
         state_dir = cluster_dir(name, home_path)
         token_path = state_dir / "token"
@@ -135,6 +138,7 @@ def up(topology: Topology, *, source_file: str | os.PathLike | None = None,
             overrides=list(overrides), topology_snapshot=topology.model_dump(mode="json"),
             created_at=now_iso(), tls=given_tls)
         save_state(state)
+        claim_storage(topology, home_path)
         try:
             emulator.start_for(state, topology, simulate=simulate, say=say)  # cloud storage
             save_state(state)

@@ -23,6 +23,9 @@ from hybridray.topology.syntax import (
 )
 
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$"
+# In a storage root, the cluster's own name: two clusters from one file never share storage.
+CLUSTER_VAR = "HYBRIDRAY_CLUSTER"
+CLUSTER_VAR_RE = re.compile(r"\$\{HYBRIDRAY_CLUSTER\}|\$HYBRIDRAY_CLUSTER(?![A-Za-z0-9_])")
 NAME_HELP = "lowercase letters, digits and '-', 1-32 characters, starting and ending alphanumeric"
 _NAME_RE = re.compile(NAME_PATTERN)
 _RESOURCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/-]{0,62}")
@@ -225,6 +228,9 @@ class Storage(_Strict):
         rest = value.split("://", 1)[1]
         if not rest.strip("/"):
             raise ValueError(f"has no path or bucket after the scheme (got {value!r})")
+        if CLUSTER_VAR_RE.search(value):
+            raise ValueError(f"uses ${{{CLUSTER_VAR}}} outside a cluster file: only a "
+                             f"topology's own storage roots name their cluster (got {value!r})")
         if scheme == "file":  # expand ~ and $VARS once, here, so every reader agrees
             home = os.environ.get("HYBRIDRAY_HOME") or "~/.hybridray"  # always defined
             rest = rest.replace("${HYBRIDRAY_HOME}", home).replace("$HYBRIDRAY_HOME", home)
@@ -367,6 +373,31 @@ class Topology(_Strict):
         description="Class of work and data that declare none (a Workload without "
                     "data_classes, a sync source without a manifest or --data-class, a "
                     "training corpus without data.data_class). Deny by default: restricted.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _cluster_in_roots(cls, data):
+        """``${HYBRIDRAY_CLUSTER}`` in a storage root is this topology's ``name``.
+
+        Substituted here, before the roots are validated, from the topology itself and never
+        from the environment (a shell that ran ``hybridray env local`` exports
+        HYBRIDRAY_CLUSTER=local, and the demo's cluster must still write under its own name).
+        So ``name=demo`` on ``clusters/local.yaml`` gives the demo roots of its own.
+        """
+        if not isinstance(data, dict) or not isinstance(data.get("sites"), dict):
+            return data
+        name = data.get("name")
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            return data   # the name's own error is reported; the roots keep the variable
+        sites = {}
+        for key, site in data["sites"].items():
+            storage = site.get("storage") if isinstance(site, dict) else None
+            root = storage.get("root") if isinstance(storage, dict) else None
+            if isinstance(root, str) and CLUSTER_VAR_RE.search(root):
+                site = {**site, "storage": {**storage,
+                                            "root": CLUSTER_VAR_RE.sub(name, root)}}
+            sites[key] = site
+        return {**data, "sites": sites}
 
     @model_validator(mode="after")
     def _references(self) -> Topology:

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -63,7 +64,7 @@ def test_node_killed_mid_run_resumes_from_the_latest_checkpoint(tmp_path):
             [sys.executable, str(ROOT / "tests/train/drive_train.py"), state.name,
              json.dumps(CONFIG), str(out)], env=env, cwd=ROOT, stdout=log,
             stderr=subprocess.STDOUT)
-        run_dir = home / "storage/local/onprem/checkpoints/chaos"
+        run_dir = Path(topology.sites["onprem"].storage.path) / "checkpoints/chaos"
         deadline = time.monotonic() + DEADLINE_S
         # Once the second checkpoint is on disk the first is registered with Ray Train
         # (reports are sequential): from here on a restart must resume, not start over.

@@ -21,6 +21,7 @@ from hybridray.exceptions import (
     PlacementRefused,
     PlanInfeasible,
     ResidencyViolation,
+    ResourceWaitTimeout,
     TrainError,
 )
 from hybridray.placement import (
@@ -82,6 +83,7 @@ __all__ = [
     "PlanInfeasible",
     "Preference",
     "ResidencyViolation",
+    "ResourceWaitTimeout",
     "Topology",
     "TrainError",
     "Workload",

@@ -16,6 +16,7 @@ it reads the record's copy in Ray's internal KV (``hybridray.cluster.mirror``).
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +29,8 @@ from hybridray.placement.guard import check_residency, guarded
 from hybridray.placement.policy import decide
 from hybridray.placement.workload import Workload
 from hybridray.topology.models import Topology
+
+LASTING_RECHECK_S = 3.0
 
 
 class Cluster:
@@ -98,6 +101,14 @@ class Cluster:
         """
         cap = self.capacity(live)
         placement = decide(self.topology, workload, cap)
+        # Refused for what actors and placement groups hold: one that is being released right
+        # now (a run that just ended) still looks held for a moment, so look again first.
+        deadline = time.monotonic() + LASTING_RECHECK_S
+        while (cap is not None and not placement.ok and placement.refusal.rule == "capacity"
+               and cap.usage_read and time.monotonic() < deadline):
+            time.sleep(0.5)
+            cap = self.capacity()
+            placement = decide(self.topology, workload, cap)
         self.audit.placement(placement, cluster=self.name)
         if cap.avoid:
             self.audit.record("drift", cluster=self.name, action="excluded",

@@ -18,6 +18,7 @@ Hierarchy::
     │   ├── IntegrityError          stored bytes, rows or schema differ from the manifest
     │   └── MaskingError            masking rules are invalid, or raw values survived them
     ├── TrainError                  a training run's model, data, checkpoint or storage is unusable
+    ├── ResourceWaitTimeout         work waited on Ray for resources past its deadline
     └── DeployError                 deployment files cannot be rendered as asked
         └── CertificateError        a TLS certificate, key or CA is missing or does not match
 """
@@ -100,6 +101,12 @@ class PlanInfeasible(HybridRayError):
 class TrainError(HybridRayError):
     """A training run cannot start or go on: an unknown model size, an unreadable or mismatched
     checkpoint or dataset (the message names the file), a storage root that cannot be written."""
+
+
+class ResourceWaitTimeout(HybridRayError):
+    """Work waited for CPUs or GPUs longer than its deadline (``$HYBRIDRAY_WAIT_TIMEOUT_S``,
+    ``--wait-timeout``); the message says what it waited for, where, what held it, and the
+    fix. The wait was stopped the way Ctrl-C stops it (a Ray Train run is aborted)."""
 
 
 class DeployError(HybridRayError):

@@ -1,7 +1,7 @@
 """``hybridray train CONFIG [key=value…]``: train a byte-level GPT on a cluster, placed by policy.
 
     hybridray train configs/train/tiny.yaml                       # cluster: the only one up
-    hybridray train configs/train/tiny.yaml train.steps=50 --wan powersgd
+    hybridray train configs/train/tiny.yaml train.steps=50 --wan powersgd --new-run
     hybridray train configs/train/burst.yaml --cluster local --dry-run   # decisions only
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import Counter
 from typing import Any
@@ -30,6 +31,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--wan", choices=WAN_MODES, help="shorthand for wan.mode=MODE")
     p.add_argument("--dry-run", action="store_true",
                    help="decide placement and storage, print them, start nothing")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue this run's checkpoint even with another WAN mode or "
+                            "precision (train.resume=always)")
+    again.add_argument("--new-run", action="store_true",
+                       help="start a new run NAME-YYYYmmdd-HHMMSS whatever checkpoints NAME "
+                            "has (train.resume=never)")
+    p.add_argument("--queue", action="store_true",
+                   help="wait for CPUs that Serve replicas or other runs hold now instead of "
+                        "being refused (train.queue=true)")
+    p.add_argument("--wait-timeout", type=float, metavar="SECONDS",
+                   help="give up waiting for resources after this long (default: "
+                        "$HYBRIDRAY_WAIT_TIMEOUT_S or 600)")
     p.add_argument("--no-progress", action="store_true", help="no live progress display")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)
@@ -44,6 +58,14 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"wan.mode={args.wan}")
     if args.cluster:
         overrides.append(f"cluster={args.cluster}")
+    if args.resume or args.new_run:
+        overrides.append(f"train.resume={'always' if args.resume else 'never'}")
+    if args.queue:
+        overrides.append("train.queue=true")
+    if args.wait_timeout is not None:
+        from hybridray.waiting import WAIT_TIMEOUT_ENV, wait_timeout
+
+        os.environ[WAIT_TIMEOUT_ENV] = str(wait_timeout(args.wait_timeout))
     config = load_train_config(path, overrides)   # every config problem before connecting
 
     from hybridray.api import connect

@@ -33,10 +33,17 @@ class NodeCapacity:
 
 
 class Capacity:
-    """Per-site node capacity, with ``units`` memoised per workload shape."""
+    """Per-site node capacity, with ``units`` memoised per workload shape.
+
+    Live capacity also knows, on demand, what *lasts* at each site: CPUs and GPUs held by
+    actors and placement groups (Serve replicas, training workers) stay held until someone
+    releases them, while running tasks end on their own. ``lasting_units`` counts what could
+    ever fit beside what lasts; it reads Ray's state API once, only when the free units are
+    short (``hybridray.waiting.node_usage``).
+    """
 
     def __init__(self, nodes: list[NodeCapacity], *, live: bool,
-                 avoid: dict[str, str] | None = None):
+                 avoid: dict[str, str] | None = None, usage_loader=None):
         self.live = live
         self.avoid = dict(avoid or {})
         self.by_site: dict[str, list[NodeCapacity]] = defaultdict(list)
@@ -44,6 +51,8 @@ class Capacity:
             self.by_site[node.site].append(node)
         self._memo: dict[tuple, tuple[int, int]] = {}
         self.memo: dict[tuple, object] = {}  # the policy's per-shape results
+        self._usage_loader = usage_loader
+        self._usage = None
 
     @classmethod
     def from_topology(cls, topology: Topology, *, avoid: dict[str, str] | None = None
@@ -79,7 +88,39 @@ class Capacity:
                 site, labels.get(L.POOL, ""), total.get("CPU", 0.0), avail.get("CPU", 0.0),
                 total.get("GPU", 0.0), avail.get("GPU", 0.0), labels.get(L.ACCELERATOR),
                 labels.get(L.MARKET_TYPE) == "spot"))
-        return cls(out, live=True, avoid=avoid)
+        return cls(out, live=True, avoid=avoid, usage_loader=_load_usage)
+
+    @property
+    def usage_read(self) -> bool:
+        """Whether a decision consulted what lasts (``usage``) on this capacity."""
+        return self._usage is not None
+
+    @property
+    def usage(self):
+        """``hybridray.waiting.Usage`` of the live cluster (None: not live, or unreadable)."""
+        if self._usage is None and self._usage_loader is not None:
+            try:
+                self._usage = self._usage_loader()
+            except Exception:   # no state: the policy falls back to waiting and reporting
+                self._usage_loader = None
+        return self._usage
+
+    def lasting_units(self, site: str, cpus: float, gpus: float, accelerator: str | None,
+                      spot_ok: bool) -> int | None:
+        """Units that could ever fit at ``site`` while its actors and placement groups stay;
+        None when that cannot be known (not live, or Ray's state API is unreachable)."""
+        usage = self.usage
+        if usage is None or usage.state_api is not None:
+            return None
+        units = 0
+        for node in usage.site(site):
+            if node.head or node.node_id in self.avoid \
+                    or (accelerator and node.accelerator != accelerator) \
+                    or (node.spot and not spot_ok):
+                continue
+            units += _fit(max(0.0, node.cpus - node.lasting_cpus),
+                          max(0.0, node.gpus - node.lasting_gpus), cpus, gpus)
+        return units
 
     def sites(self) -> list[str]:
         return list(self.by_site)
@@ -99,6 +140,12 @@ class Capacity:
             free += node.n * _fit(node.cpus_free, node.gpus_free, cpus, gpus)
         self._memo[key] = (total, free)
         return total, free
+
+
+def _load_usage():
+    from hybridray.waiting import node_usage
+
+    return node_usage()
 
 
 def _fit(have_cpus: float, have_gpus: float, cpus: float, gpus: float) -> int:

@@ -8,7 +8,9 @@ Rules, applied in order, each of which can refuse:
 3. **Shape**: a site needs a pool whose single node fits one unit (CPUs, GPUs, accelerator,
    spot allowed or not).
 4. **Capacity**: the allowed sites together must be able to hold ``count`` units at full size,
-   and, when live capacity is known, at least one allowed node must be alive.
+   and, when live capacity is known, at least one allowed node must be alive, and the work
+   must be able to start some day beside what actors and placement groups hold there (a
+   Serve replica holds its CPUs until the service is deleted), unless it asks to ``queue``.
 
 The survivors are ordered by the workload's preference and returned with a reason each. The
 compiler (``hybridray.placement.compile``) turns the order into Ray's ``label_selector`` plus
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 from hybridray.placement.capacity import Capacity
 from hybridray.placement.decision import Candidate, Placement, Refusal
-from hybridray.placement.workload import Preference, Workload
+from hybridray.placement.workload import Preference, Workload, WorkloadKind
 from hybridray.topology.models import SiteKind, Topology
 
 POLICY_NAME = "residency>site>shape>capacity>preference"
@@ -76,6 +78,10 @@ def decide(topology: Topology, workload: Workload, capacity: Capacity | None = N
         for i in order[1:]:
             excluded[rows[i][0]] = "burst disabled"
         order = order[:1]
+    if cap.live and not wl.queue:
+        never = _never_fits(wl, cap, [rows[i] for i in order])
+        if never is not None:
+            return refuse("capacity", *never, excluded)
     words = _WORDS[wl.preference]
     live = cap.live
     candidates = tuple(
@@ -136,6 +142,31 @@ def _eligible(topology: Topology, cap: Capacity, wl: Workload):
     result = (rows, excluded, sum(r[3] for r in rows))
     cap.memo[key] = result
     return result
+
+
+def _never_fits(wl: Workload, cap: Capacity, rows: list) -> tuple[str, str] | None:
+    """(message, fix) when live work can never start beside what actors and placement groups
+    hold at its sites; None when it fits now, could fit later, or that cannot be known.
+
+    Tasks and Data stages queue one unit at a time; worker groups, replicas, actors and job
+    entrypoints need all ``count`` units at once.
+    """
+    need = 1 if wl.kind in (WorkloadKind.task, WorkloadKind.data) else wl.count
+    if sum(r[4] or 0 for r in rows) >= need:
+        return None
+    lasting = [cap.lasting_units(r[0], wl.cpus, wl.gpus, wl.accelerator, wl.spot_ok)
+               for r in rows]
+    if any(x is None for x in lasting) or sum(lasting) >= need:
+        return None
+    sites = [r[0] for r in rows]
+    usage = cap.usage
+    what = f"{need} units of {_shape(wl)}" if need > 1 else f"one unit of {_shape(wl)}"
+    message = (f"{what} can never start at {', '.join(sites)} while what holds them there "
+               f"stays (room beside it: {sum(lasting)}): "
+               + " | ".join(usage.describe_site(s) for s in sites))
+    fix = (usage.fix(sites) + "; or queue behind it (Workload(queue=True); hybridray train "
+           "--queue), which waits, reporting, up to $HYBRIDRAY_WAIT_TIMEOUT_S seconds")
+    return message, fix
 
 
 def _topology_capacity(topology: Topology) -> Capacity:

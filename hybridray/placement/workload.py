@@ -57,6 +57,9 @@ class Workload(BaseModel):
     class_defaulted: bool = Field(
         False, description="Set by the policy when data_classes was empty and the cluster's "
                            "default_data_class was taken instead (recorded in the audit log).")
+    queue: bool = Field(False, description="Wait for room that actors and placement groups "
+                        "hold now, instead of being refused (capacity rule); the wait is "
+                        "reported and has a deadline ($HYBRIDRAY_WAIT_TIMEOUT_S).")
 
     @field_validator("data_classes", mode="before")
     @classmethod

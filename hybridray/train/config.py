@@ -148,9 +148,17 @@ class TrainSection(_Strict):
         True, description="After a failure, start workers at any site the placement allowed "
                           "(not only where they first ran), so a lost site does not stall "
                           "the run.")
-    resume: Literal["auto", "never"] = Field(
-        "auto", description="auto: continue this run's latest checkpoint if there is one; "
-                            "never: start a new run (the name gets a time suffix).")
+    resume: Literal["auto", "always", "never"] = Field(
+        "auto", description="auto: continue this run's latest checkpoint if there is one and "
+                            "it was trained as this config asks (same WAN mode, precision and "
+                            "model, below train.steps), else refuse, naming the choices; "
+                            "always (--resume): continue it even with another WAN mode or "
+                            "precision; never (--new-run): start a new run (the name gets a "
+                            "time suffix).")
+    queue: bool = Field(
+        False, description="Wait for CPUs that Serve replicas or other runs hold now instead "
+                           "of being refused (--queue); the wait is reported and gives up "
+                           "after $HYBRIDRAY_WAIT_TIMEOUT_S seconds.")
     elastic_resize_interval_s: float = Field(60.0, ge=0)
 
     @field_validator("workers", mode="before")

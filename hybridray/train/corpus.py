@@ -87,11 +87,12 @@ def source_spec(source: str, topology: Topology) -> dict[str, str]:
 # ---- driver side --------------------------------------------------------------------------
 
 def prepare_corpus(data: Any, topology: Topology, *, cluster: Any = None, name: str = "train",
-                   progress: bool = False) -> CorpusManifest:
+                   progress: bool = False, queue: bool = False) -> CorpusManifest:
     """Prepare (or reuse) the token shards described by ``data`` (a ``DataSection``).
 
     Placement: a ``data`` workload of ``data.data_class`` pinned to the output site (audited
-    through ``cluster.place`` when a ``Cluster`` is given). Ray must be initialised.
+    through ``cluster.place`` when a ``Cluster`` is given); ``queue`` waits for CPUs held
+    there instead of being refused. Ray must be initialised.
 
     Raises:
         PlacementRefused: the output site may not hold the data's class.
@@ -136,7 +137,7 @@ def prepare_corpus(data: Any, topology: Topology, *, cluster: Any = None, name: 
         return _checked(CorpusManifest(out, existing), cls, out, topology)
 
     wl = Workload(name=f"{name}-corpus", kind=WorkloadKind.data, cpus=1, data_classes=(cls,),
-                  site=out.site, burst=False, data_site=out.site)
+                  site=out.site, burst=False, data_site=out.site, queue=queue)
     placement = cluster.place(wl) if cluster is not None else decide(topology, wl)
     placement.raise_if_refused()
     opts = C.data_remote_args(placement)

@@ -88,7 +88,8 @@ def plan_run(config: TrainConfig, cluster: Any, model_fn: Any = None) -> RunPlan
                         cpus=t.cpus_per_worker, gpus=t.gpus_per_worker,
                         accelerator=t.accelerator, data_classes=tuple(sorted(classes)),
                         data_site=data_addr.site, preference=t.preference, site=t.site,
-                        burst=t.burst, spot_ok=t.spot_ok, expected_hours=1.0)
+                        burst=t.burst, spot_ok=t.spot_ok, expected_hours=1.0,
+                        queue=t.queue)
 
     placement = cluster.place(workload(t.max_workers))
     if not placement.ok and t.min_workers < t.max_workers and placement.refusal.rule == \
@@ -119,9 +120,10 @@ def plan_run(config: TrainConfig, cluster: Any, model_fn: Any = None) -> RunPlan
     storage_uri = f"{site.storage.root.rstrip('/')}/{config.checkpoint.path.strip('/')}"
     _check_writable(fs, storage_path, storage_uri, storage_site)
 
-    run_name = config.name if t.resume == "auto" else \
+    run_name = config.name if t.resume != "never" else \
         f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    resume_step = _vet_resume(fs, f"{storage_path}/{run_name}", kind, data_class,
+    resume_step = _vet_resume(fs, f"{storage_path}/{run_name}", kind, data_class, config,
+                              f"{storage_site}:{config.checkpoint.path.strip('/')}/{run_name}",
                               _signing(cluster, topology))
     name = f"{config.model.size} GPT" if isinstance(kind, GPTKind) and not init else kind.label
     return RunPlan(run_name=run_name, data_class=data_class, placement=placement,
@@ -209,17 +211,52 @@ def _signing(cluster: Any, topology: Topology) -> dict[str, Any]:
 
 
 def _vet_resume(fs: Any, run_dir: str, kind: ModelKind, data_class: DataClass,
+                config: TrainConfig, address: str,
                 signing: dict[str, Any] | None = None) -> int | None:
     """The step a resumed run continues from (None: fresh), after checking its checkpoint
-    fits this run: same model shape, a class no higher than this run's."""
+    fits this run (same model shape, a class no higher than this run's) and that resuming is
+    what the config asks for: a checkpoint at or past ``train.steps`` would train nothing,
+    and one trained with another WAN mode, precision or model would quietly continue as
+    something else. Those are refused with the choices, unless ``train.resume: always``
+    (``--resume``) accepts changed settings."""
     from hybridray.train import checkpoint as ckpt
+    from hybridray.train.kinds import CustomModelConfig
 
+    t = config.train
     for reader in ckpt.complete_checkpoints(fs, run_dir):
         meta, have, state = ckpt.inspect_checkpoint(reader, **(signing or {}))
-        ckpt.check_fits(reader, have, kind)
+        here = f"{address}/{reader.path.rsplit('/', 1)[-1]}"
+        choices = (f"--new-run (a new run, {config.name}-YYYYmmdd-HHMMSS, from scratch; "
+                   f"train.resume=never), or name=OTHER (a run of its own)")
+        try:
+            ckpt.check_fits(reader, have, kind)
+        except TrainError as e:
+            reason = str(e).split(": ", 1)[-1].split("; ", 1)[0]
+            raise TrainError(f"run {config.name!r} cannot resume from {here}: {reason}. "
+                             f"Choose: {choices}") from None
         if DataClass(meta["data_class"]) > data_class:
             raise TrainError(f"{reader.where(ckpt.META_FILE)}: the run's checkpoints are "
                              f"{meta['data_class']}, above this run's {data_class.value}; "
-                             "start a new run (train.resume=never, or another name)")
-        return state["step"]
+                             f"start a new run: {choices}")
+        step = int(state["step"])
+        was = {"WAN mode": state.get("wan_mode"), "precision": state.get("precision")}
+        now = {"WAN mode": config.wan.mode, "precision": t.precision}
+        if isinstance(have, CustomModelConfig) and have.factory != kind.config.factory:
+            was["model"], now["model"] = have.factory, kind.config.factory
+        changed = [f"{k} {was[k]} → {now[k]}" for k in was
+                   if was[k] is not None and was[k] != now[k]]
+        if step >= t.steps:
+            raise TrainError(
+                f"run {config.name!r} already has a checkpoint at step {step} ({here}) and "
+                f"this config asks for train.steps={t.steps}: resuming would train nothing"
+                + (f" (and it was trained with {', '.join(changed)})" if changed else "")
+                + f". Choose: {choices}, or continue it with --resume and train.steps above "
+                f"{step}")
+        if changed and t.resume != "always":
+            raise TrainError(
+                f"run {config.name!r} has a checkpoint at step {step} ({here}) trained with "
+                f"other settings than this config asks for ({', '.join(changed)}). Choose: "
+                f"--resume (continue it from step {step} with the new settings; "
+                f"train.resume=always), {choices}")
+        return step
     return None

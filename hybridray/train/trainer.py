@@ -26,6 +26,7 @@ from hybridray.storage.fs import site_filesystem
 from hybridray.train.config import TrainConfig, config_from_dict, load_train_config
 from hybridray.train.plan import RunPlan, plan_run
 from hybridray.train.progress import Board, Display, Watcher, driver_node_strategy
+from hybridray.waiting import waiting
 
 __all__ = ["RunPlan", "TrainResult", "as_config", "build_trainer", "plan_run", "train"]
 
@@ -274,8 +275,9 @@ def train(config: TrainConfig | str | os.PathLike | dict, cluster: Any = None, *
                          data_class=plan.data_class.value, sites=plan.placement.assign(
                              config.train.max_workers), storage=plan.storage_uri,
                          resume_step=plan.resume_step, wan=config.wan.mode)
-    corpus = prepare_corpus(config.data, cluster.topology, cluster=cluster, name=config.name,
-                            progress=show)
+    with waiting(f"train {plan.run_name}: corpus"):
+        corpus = prepare_corpus(config.data, cluster.topology, cluster=cluster,
+                                name=config.name, progress=show, queue=config.train.queue)
     board = ray.remote(num_cpus=0)(Board).options(
         scheduling_strategy=driver_node_strategy(),
         name=f"hybridray-train-{uuid.uuid4().hex[:8]}").remote()
@@ -287,7 +289,10 @@ def train(config: TrainConfig | str | os.PathLike | dict, cluster: Any = None, *
             display.start()
         watcher.start()
         try:
-            result = _fit(trainer)
+            with waiting(f"train {plan.run_name}: workers", stop=lambda: _stop_run(trainer)):
+                result = _fit(trainer)
+        except HybridRayError:
+            raise
         except Exception as e:
             raise _explain(e, plan) from None
         finally:
@@ -299,6 +304,21 @@ def train(config: TrainConfig | str | os.PathLike | dict, cluster: Any = None, *
     out = _result(config, plan, corpus, cluster, result, state, time.time() - started)
     _audit(cluster, out, plan)
     return out
+
+
+def _stop_run(trainer: Any) -> None:
+    """Stop a run whose workers waited past the deadline.
+
+    Train's graceful abort (what Ctrl-C asks for) waits until the controller's loop is free,
+    and the controller blocks in ``PlacementGroup.wait`` while its workers cannot be placed;
+    so the controller actor is killed at once. Train's placement-group cleaner then removes
+    the pending group, and ``fit()`` returns with the actor's death.
+    """
+    import ray
+
+    if trainer.controller is None:
+        raise TrainError("the run has no Ray Train controller yet")
+    ray.kill(trainer.controller, no_restart=True)
 
 
 def _explain(error: Exception, plan: RunPlan) -> Exception:

@@ -114,14 +114,16 @@ class Demand:
     gpus: float
     sites: tuple[str, ...]      # from its label selectors; () = any site
     job_id: str | None
-    key: str                    # class, function or actor name: what ``match`` filters on
+    key: str                    # function, "CLASS|NAME" of an actor: what ``match`` sees
 
     def label(self) -> str:
         need = [f"{self.cpus:g} CPU"] if self.cpus else []
         if self.gpus:
             need.append(f"{self.gpus:g} GPU")
         where = f" at {', '.join(self.sites)}" if self.sites else ""
-        return f"{self.what} ({', '.join(need) or 'no CPU'}{where})"
+        if not need:
+            return f"{self.what} (a node{where or ' of any site'})"
+        return f"{self.what} ({', '.join(need)}{where})"
 
 
 @dataclass
@@ -235,6 +237,8 @@ def _read_state(nodes: dict[str, NodeUsage], usage: Usage, pending: bool) -> Non
             node.holders.append(Holder(f"task {t.name}", cpus, gpus, False))
     if not pending:
         return
+    # Pending work is reported whatever it asks for: zero CPUs still need an alive node
+    # that matches its label selector (a site whose node is down).
     for g in groups:
         if g.state in ("PENDING", "RESCHEDULING"):
             bundles = g.bundles or []
@@ -248,15 +252,16 @@ def _read_state(nodes: dict[str, NodeUsage], usage: Usage, pending: bool) -> Non
                 cpus, gpus, sites, g.creator_job_id, ",".join(members) or g.placement_group_id))
     for a in actors:
         cpus, gpus = _cpu_gpu(a.required_resources)
-        if a.state == "PENDING_CREATION" and not a.placement_group_id and (cpus or gpus):
+        if a.state == "PENDING_CREATION" and not a.placement_group_id:
             what, _ = _actor_words(a.class_name, a.name, a.job_id)
             sites = _sites_of([a.label_selector, *_fallbacks(a.fallback_strategy)], node_site)
-            usage.demands.append(Demand(what, cpus, gpus, sites, a.job_id, a.class_name or ""))
+            usage.demands.append(Demand(what, cpus, gpus, sites, a.job_id,
+                                        f"{a.class_name or ''}|{a.name or ''}"))
     waiting = list_tasks(filters=[("state", "=", "PENDING_NODE_ASSIGNMENT")], **kw)
     by_kind: dict[tuple, list] = defaultdict(list)
     for t in waiting:
         cpus, gpus = _cpu_gpu(t.required_resources)
-        if t.type != "NORMAL_TASK" or t.placement_group_id or not (cpus or gpus):
+        if t.type != "NORMAL_TASK" or t.placement_group_id:
             continue
         sites = _sites_of([t.label_selector, *_fallbacks(t.fallback_strategy)], node_site)
         by_kind[(t.name, cpus, gpus, sites, t.job_id)].append(t)

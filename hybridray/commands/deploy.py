@@ -90,6 +90,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--no-wait", dest="wait", action="store_false",
                    help="return once submitted")
     s.add_argument("--timeout", type=float, default=600.0, help="seconds to wait")
+    s.add_argument("--wait-timeout", type=float, metavar="SECONDS",
+                   help="stop the job if its entrypoint waits for resources this long "
+                        "(default: $HYBRIDRAY_WAIT_TIMEOUT_S or 600)")
     s.add_argument("entrypoint", nargs=argparse.REMAINDER, metavar="-- COMMAND",
                    help="-- then the command, e.g. -- python jobs/train.py")
     s.set_defaults(func=run_submit)
@@ -156,6 +159,10 @@ def run_submit(args: argparse.Namespace) -> int:
     if not args.cluster:
         raise ConfigError("name the cluster: --cluster NAME (or eval \"$(hybridray env NAME)\" "
                           "first, which sets HYBRIDRAY_CLUSTER)")
+    if args.wait_timeout is not None:
+        from hybridray.waiting import WAIT_TIMEOUT_ENV, wait_timeout
+
+        os.environ[WAIT_TIMEOUT_ENV] = str(wait_timeout(args.wait_timeout))
     result = submit(args.cluster, entry, site=args.site, data_classes=args.data_classes,
                     prefer=args.prefer, cpus=args.cpus, working_dir=args.working_dir,
                     wait=args.wait, timeout=args.timeout, say=print)

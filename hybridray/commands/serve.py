@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from typing import Any
 
 from hybridray.commands.validate import one_file
@@ -39,6 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-wait", dest="wait", action="store_false",
                    help="submit and return without waiting for the service to run")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per step (600)")
+    p.add_argument("--wait-timeout", type=float, metavar="SECONDS",
+                   help="give up on replicas that wait for resources after this long "
+                        "(default: $HYBRIDRAY_WAIT_TIMEOUT_S or 600)")
     p.add_argument("--json", action="store_true", help="JSON output")
     p.set_defaults(func=run)
 
@@ -51,6 +55,10 @@ def run(args: argparse.Namespace) -> int:
     if args.cluster:
         overrides = [*overrides, f"cluster={args.cluster}"]
     config = load_serve_config(path, overrides)
+    if args.wait_timeout is not None:
+        from hybridray.waiting import WAIT_TIMEOUT_ENV, wait_timeout
+
+        os.environ[WAIT_TIMEOUT_ENV] = str(wait_timeout(args.wait_timeout))
     if args.plan or args.render:
         return _plan(config, render=args.render, as_json=args.json)
     from hybridray.serve import service as D

@@ -90,12 +90,13 @@ def submit(cluster: str, entrypoint: list[str], *, site: str | None = None,
     deadline = time.monotonic() + timeout
     done = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED)
     status = client.get_job_status(job_id)
-    while status not in done:
-        if time.monotonic() > deadline:
-            raise ClusterError(f"job {job_id} still {status.name} after {timeout:.0f}s; "
-                               f"follow it with: ray job logs -f {job_id}")
-        time.sleep(1)
-        status = client.get_job_status(job_id)
+    with _pending_report(cluster, home, job_id, client, say):
+        while status not in done:
+            if time.monotonic() > deadline:
+                raise ClusterError(f"job {job_id} still {status.name} after {timeout:.0f}s; "
+                                   f"follow it with: ray job logs -f {job_id}")
+            time.sleep(1)
+            status = client.get_job_status(job_id)
     result.status = status.name
     result.ran_at = _driver_site(client.get_job_info(job_id).driver_node_id, state)
     say(client.get_job_logs(job_id).rstrip())
@@ -142,6 +143,22 @@ def _drift(state, topology) -> dict[str, str]:
         nodes = gcs.nodes()
     return {d.node_id: d.why
             for d in find_drift(topology, effective_members(state, nodes), nodes)}
+
+
+def _pending_report(cluster: str, home: str | None, job_id: str, client,
+                    say: Callable[[str], None]):
+    """While the entrypoint waits for a node (its site's node down, its CPUs held), say what
+    holds it; at ``$HYBRIDRAY_WAIT_TIMEOUT_S`` stop the job and raise ``ResourceWaitTimeout``.
+    The entrypoint runs in Ray's job supervisor actor, named after the job."""
+    import ray
+
+    from hybridray.api import connect
+    from hybridray.waiting import waiting
+
+    if not ray.is_initialized():
+        connect(cluster, home=home)
+    return waiting(f"job {job_id}", say=say, match=lambda d: job_id in d.key,
+                   stop=lambda: client.stop_job(job_id))
 
 
 def _driver_site(node_id: str | None, state) -> str | None:

@@ -255,13 +255,14 @@ def _roll_out(config, plan, cluster, target, ingress_now, added, removed, keep_r
               f"starting {len(added)} new replica application(s) beside the current ones")
         if not wait:
             return Service(config, plan, cluster)
-        _wait(sorted(added), timeout_s, say)
+        _wait_placed(config.name, sorted(added), timeout_s, say, fresh=False)
     apply([*target["applications"], *keep_removed],
           "routing to the new configuration" if ingress_now else
           f"deploying {len(new_apps)} replica application(s) and the ingress")
     if not wait:
         return Service(config, plan, cluster)
-    _wait([config.name, *sorted(new_apps)], timeout_s, say)
+    _wait_placed(config.name, [config.name, *sorted(new_apps)], timeout_s, say,
+                 fresh=ingress_now is None)
     _wait_routing(config.name, target["applications"][0]["deployments"][0]["user_config"]
                   ["generation"], timeout_s)
     if removed:
@@ -403,6 +404,27 @@ def _wait(apps: list[str], timeout_s: float, say: Callable[[str], None]) -> None
             say(f"  waiting: {line[:300]}")
             last = line
         time.sleep(0.5)
+
+
+def _wait_placed(name: str, apps: list[str], timeout_s: float, say: Callable[[str], None],
+                 *, fresh: bool) -> None:
+    """``_wait``, reporting replicas that wait for resources (what holds their site) and
+    giving up on them at ``$HYBRIDRAY_WAIT_TIMEOUT_S``. A service deployed fresh is removed
+    again when it gives up, so no replica is left queued for resources behind the error."""
+    from hybridray.exceptions import ResourceWaitTimeout
+    from hybridray.waiting import waiting
+
+    classes = tuple(f"ServeReplica:{app}:" for app in apps)
+    try:
+        with waiting(f"serve {name}", say=say,
+                     match=lambda d: d.key.startswith(classes)):
+            _wait(apps, timeout_s, say)
+    except ResourceWaitTimeout as e:
+        if not fresh:
+            raise ResourceWaitTimeout(f"{e} (the update is left half-applied: run the "
+                                      "previous file again to go back)") from None
+        delete(name)
+        raise ResourceWaitTimeout(f"{e} (service {name!r} was removed again)") from None
 
 
 def _wait_routing(app: str, generation: str, timeout_s: float) -> None:

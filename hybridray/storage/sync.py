@@ -50,6 +50,7 @@ from hybridray.storage.objects import dataset_store, ensure_emulated_bucket
 from hybridray.storage.report import Progress, RichProgress, SyncResult, no_progress
 from hybridray.storage.secrets import ClusterSecrets
 from hybridray.topology.models import DataClass
+from hybridray.waiting import waiting
 
 PROBE_BATCH = 8          # files per probe task
 AUDIT_EVERY_S = 5.0      # flush transfer records at least this often while bytes move
@@ -59,7 +60,7 @@ def sync_dataset(source: str, destination: str, *, cluster=None, mask=None,
                  data_class: DataClass | str | None = None, overwrite: bool = False,
                  checksum: bool = False, keep_versions: int = 3,
                  part_bytes: int = plan_mod.DEFAULT_PART_BYTES, cpus: float = 1.0,
-                 progress: bool | Progress | None = None) -> SyncResult:
+                 progress: bool | Progress | None = None, queue: bool = False) -> SyncResult:
     """Sync the dataset at ``source`` to ``destination`` (both ``SITE:PATH``).
 
     Args:
@@ -72,6 +73,8 @@ def sync_dataset(source: str, destination: str, *, cluster=None, mask=None,
         part_bytes: target size of a re-encoded part.
         cpus: CPUs per read and per write task.
         progress: True for a live bar on stderr, or a callable ``(event, info)``.
+        queue: wait for CPUs that actors hold at either site instead of being refused; any
+            wait for resources is reported and gives up at ``$HYBRIDRAY_WAIT_TIMEOUT_S``.
 
     Returns:
         A ``SyncResult``: ``outcome`` is ``committed`` or ``up-to-date``.
@@ -89,7 +92,7 @@ def sync_dataset(source: str, destination: str, *, cluster=None, mask=None,
     try:
         result = run.execute(mask=mask, declared=data_class, overwrite=overwrite,
                              checksum=checksum, keep=keep_versions, part_bytes=part_bytes,
-                             cpus=cpus)
+                             cpus=cpus, queue=queue)
     except BaseException as e:
         run.fail(e)
         raise
@@ -122,7 +125,7 @@ class _Run:
 
     # -- the whole sync -----------------------------------------------------------------------
     def execute(self, *, mask, declared, overwrite: bool, checksum: bool, keep: int,
-                part_bytes: int, cpus: float) -> SyncResult:
+                part_bytes: int, cpus: float, queue: bool = False) -> SyncResult:
         self._phase("plan")
         spec = masking_mod.load_spec(mask)
         home = getattr(self.cluster.state, "home", None)
@@ -134,7 +137,7 @@ class _Run:
         src_class, how = plan_mod.resolve_class(source, declared,
                                                 self.topology.default_data_class)
         out_class = spec.output_class_for(src_class) if spec else src_class
-        src_pl, dst_pl = self._place(src_class, out_class, how, spec, cpus)
+        src_pl, dst_pl = self._place(src_class, out_class, how, spec, cpus, queue)
 
         dst_site = self.topology.sites[self.dst.site]
         encrypt = dst_site.storage.encrypt_at_rest
@@ -153,7 +156,7 @@ class _Run:
         dst.acquire(self.sync_id)
         self.lease = LeaseKeeper(dst, self.sync_id)
         try:
-            with self.lease:
+            with self.lease, waiting(f"sync {self.src} → {self.dst}"):
                 return self._sync(source, dst, spec, salt, masking_fp, src_class, out_class,
                                   src_pl, dst_pl, src_keys, dst_keys, transform, overwrite,
                                   checksum, keep, part_bytes)
@@ -255,15 +258,15 @@ class _Run:
         return result
 
     # -- deciding -----------------------------------------------------------------------------
-    def _place(self, src_class, out_class, how: str, spec, cpus: float):
+    def _place(self, src_class, out_class, how: str, spec, cpus: float, queue: bool = False):
         """Place both stages (audited); refuse a destination below the output's class."""
         src_wl = Workload(name=f"sync read {self.src}", kind="data", cpus=cpus,
                           data_classes=(src_class,), site=self.src.site, burst=False,
-                          data_site=self.src.site)
+                          data_site=self.src.site, queue=queue)
         src_pl = self.cluster.place(src_wl)
         dst_wl = Workload(name=f"sync write {self.dst}", kind="data", cpus=cpus,
                           data_classes=(out_class,), site=self.dst.site, burst=False,
-                          data_site=self.src.site)
+                          data_site=self.src.site, queue=queue)
         dst_pl = self.cluster.place(dst_wl)
         limit = self.topology.sites[self.dst.site].max_data_class
         if out_class > limit:

@@ -52,12 +52,19 @@ _LAZY = {"Demand": "hybridray.planner", "Plan": "hybridray.planner",
          "admit_nodes": "hybridray.cluster.membership"}
 
 
+# Sub-packages reachable as attributes after a bare `import hybridray`, loaded on first use
+# (`hybridray.serve.deploy(...)`, `hybridray.train.train(...)`); none imports Ray or torch.
+_SUBPACKAGES = ("cluster", "serve", "storage", "train")
+
+
 def __getattr__(name: str):
     # The planner pulls in SciPy; load it on first use so `import hybridray` stays light.
-    if name in _LAZY:
-        import importlib
+    import importlib
 
+    if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"hybridray.{name}")
     raise AttributeError(f"module 'hybridray' has no attribute {name!r}")
 
 __all__ = [

@@ -291,7 +291,7 @@ def _cpu_gpu(resources) -> tuple[float, float]:
 
 
 def _short_class(name: str | None) -> str:
-    return (name or "actor").split(":", 1)[0]
+    return (name or "actor").split(":", 1)[0].rsplit(".", 1)[-1]
 
 
 def _actor_words(class_name: str | None, name: str | None, job: str | None
@@ -302,6 +302,7 @@ def _actor_words(class_name: str | None, name: str | None, job: str | None
         _, app, deployment = (cls.split(":", 2) + ["", ""])[:3]
         shown = app if app.endswith(deployment) or not deployment else f"{app}/{deployment}"
         return f"Serve replica {shown}", app.split(".", 1)[0] or None
+    cls = cls.rsplit(".", 1)[-1]      # a class defined in a function: "f.<locals>.Holder"
     shown = f"actor {cls}" + (f" {name!r}" if name else "")
     return shown + (f" of job {job}" if job else ""), None
 

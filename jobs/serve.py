@@ -1,14 +1,19 @@
+# ray job submit --working-dir . --runtime-env-json "$TOKENS_ENV" -- python jobs/serve.py jobs/configs/serve-embed.yaml  # noqa: E501
 """Deploy a hybridray service: as a Ray job, as a plain script, or as a Serve application.
 
-    ray job submit --working-dir . -- \
-        python jobs/serve.py jobs/configs/serve-embed.yaml auth.token_file=~/.hybridray/tokens
+    TOKENS_ENV="{\"env_vars\": {\"HYBRIDRAY_SERVE_TOKENS\": \"$HYBRIDRAY_SERVE_TOKENS\"}}"
+    ray job submit --working-dir . --runtime-env-json "$TOKENS_ENV" -- \
+        python jobs/serve.py jobs/configs/serve-embed.yaml
     python jobs/serve.py jobs/configs/serve-embed.yaml http.port=8001       # plain script
     python jobs/serve.py jobs/configs/serve-lm.yaml --promote stdlib-gpt@v2  # one version only
     serve run jobs.serve:app config=jobs/configs/serve-embed.yaml cluster=local  # one Serve app
 
-``eval "$(hybridray env local)"`` first points ``ray job submit`` at the cluster; the job
-reads bearer tokens from ``auth.token_file`` (one per line) or ``$HYBRIDRAY_SERVE_TOKENS``
-in its own environment. As a job or script it deploys the service (one Serve application
+``eval "$(hybridray env local)"`` first points ``ray job submit`` at the cluster. The job
+runs in the head node's environment, not your shell's: it reads bearer tokens from
+``$HYBRIDRAY_SERVE_TOKENS`` of its runtime environment (``--runtime-env-json``; anyone
+who holds the cluster token can read a job's runtime environment) or from
+``auth.token_file=PATH`` of a file on the head node (one token per line). Errors print one
+line and exit 2. As a job or script it deploys the service (one Serve application
 per model version and site, plus the ingress; see hybridray/serve/service.py), waits until
 it serves, prints the URL and exits; the service keeps running. ``app`` is an application
 builder: ``serve run`` and ``serve deploy`` (``import_path: jobs.serve:app``, ``args:
@@ -43,18 +48,24 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give one serve file, e.g. jobs/configs/serve-embed.yaml")
 
     import hybridray
+    from hybridray.exceptions import HybridRayError
     from hybridray.serve import service as S
     from hybridray.serve.config import load_serve_config
 
-    config = load_serve_config(files[0], overrides)
-    cluster = hybridray.connect(config.cluster)
-    if args.delete:
-        print(f"removed: {', '.join(S.delete(config.name)) or 'nothing'}")
-        return 0
-    if args.promote:
-        model, _, version = args.promote.partition("@")
-        config = S._only(config, model, version)
-    service = S.deploy(config, cluster=cluster, progress=lambda line: print(line, flush=True))
+    try:
+        config = load_serve_config(files[0], overrides)
+        cluster = hybridray.connect(config.cluster)
+        if args.delete:
+            print(f"removed: {', '.join(S.delete(config.name)) or 'nothing'}")
+            return 0
+        if args.promote:
+            model, _, version = args.promote.partition("@")
+            config = S._only(config, model, version)
+        service = S.deploy(config, cluster=cluster,
+                           progress=lambda line: print(line, flush=True))
+    except HybridRayError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for app_name, status in sorted(service.status().items()):
         for dep, d in status["deployments"].items():
             print(f"{app_name:<40} {dep:<28} {d['status']:<10} {d['replicas']}")

@@ -31,3 +31,14 @@ def test_importing_hybridray_does_not_import_ray_or_scipy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.split()
     assert out == ["False", "False"]
+
+
+def test_subpackages_work_after_a_bare_import_without_loading_ray():
+    import subprocess
+    import sys
+
+    code = ("import sys, hybridray; f = (hybridray.serve.deploy, hybridray.train.train, "
+            "hybridray.storage.sync_dataset); print(all(map(callable, f)), 'ray' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["True", "False"]

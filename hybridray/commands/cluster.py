@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import signal
 import time
@@ -102,6 +103,14 @@ def run_up(args: argparse.Namespace) -> int:
         netns.require_support()  # one clear refusal without root, before anything else
     nodes = plan_nodes(topology, simulate=args.simulate)  # refuses non-local sites up front
     tls = _tls_option(args)
+    running = _already_up(topology, path, overrides, args, tls)
+    if running is not None:
+        print(f"cluster {running.name!r} is already up from {path} with these overrides "
+              f"(since {running.created_at}, GCS {running.address}); nothing to start. "
+              f"To start it afresh: hybridray down {running.name}, then up again")
+        print(f"connect a shell:  eval \"$(hybridray env {running.name})\"")
+        _print_env(running)
+        return 0
     where = " as network-namespace hosts" if args.hosts == "netns" else ""
     print(f"starting cluster {topology.name!r}: {len(nodes)} nodes at {len(topology.sites)} "
           f"sites{where}{' (simulated)' if args.simulate else ''}", flush=True)
@@ -121,6 +130,29 @@ def run_up(args: argparse.Namespace) -> int:
     print(f"connect a shell:  eval \"$(hybridray env {state.name})\"")
     _print_env(state)
     return 0
+
+
+def _already_up(topology: Any, path: str, overrides: list[str], args: argparse.Namespace,
+                tls: bool | dict[str, str]) -> cluster.ClusterState | None:
+    """The running cluster when ``up`` asks for exactly what runs (same name, file,
+    overrides and options, every node alive): running ``up`` twice is then harmless, as a
+    reader who follows two documents that both start with it expects. Anything else is
+    left to ``cluster.up``, which refuses a different or half-dead cluster of that name."""
+    try:
+        state = cluster.load_state(topology.name)
+    except ClusterNotFound:
+        return None
+    added = [o for o in state.overrides[len(overrides):]
+             if re.match(r"^sites\.[^.]+\.storage\.endpoint=", o)]   # the S3 server's
+    same = (state.source_file == str(Path(path).absolute())
+            and state.overrides == [*overrides, *added]
+            and state.simulate == args.simulate and state.dashboard == args.dashboard
+            and bool(state.netns) == (args.hosts == "netns")
+            and bool(state.tls) == bool(tls) and not isinstance(tls, dict)
+            and args.port in (None, state.ports.get("gcs"))
+            and args.dashboard_port in (None, state.ports.get("dashboard"))
+            and state.nodes and len(state.alive_nodes()) == len(state.nodes))
+    return state if same else None
 
 
 def _tls_option(args: argparse.Namespace) -> bool | dict[str, str]:

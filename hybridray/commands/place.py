@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from hybridray.audit import AuditLog
+from hybridray.audit import AuditLog, describe
 from hybridray.exceptions import ConfigError, HybridRayError
 from hybridray.placement import compile as C
 from hybridray.placement.policy import decide
@@ -44,9 +44,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_place)
 
     a = sub.add_parser("audit", help="show a cluster's audit log",
-                       description="Print audit records (placements, refusals, transfers).")
+                       description="Print audit records, one line each in local time with "
+                                   "the fields that matter: placements (workload, shape, "
+                                   "class, sites), refusals (rule, message, fix), transfers "
+                                   "(src → dst, bytes, cost), syncs, trainings.")
     a.add_argument("cluster", metavar="NAME")
-    a.add_argument("--event", help="only this event (placement, refusal, transfer, ...)")
+    a.add_argument("--event", help="only this event (placement, refusal, transfer, sync, "
+                                   "train-start, train-end, verify)")
     a.add_argument("--tail", type=int, default=20, help="last N records (0: all)")
     a.add_argument("--json", action="store_true", help="JSON lines")
     a.set_defaults(func=run_audit)
@@ -145,12 +149,14 @@ def run_audit(args: argparse.Namespace) -> int:
     records = log.read(args.event)
     if args.tail:
         records = records[-args.tail:]
-    for rec in records:
-        if args.json:
+    if args.json:
+        for rec in records:
             print(json.dumps(rec))
-        else:
-            where = ",".join(rec.get("sites", [])) or rec.get("rule", "")
-            extra = rec.get("message", "") if rec["event"] == "refusal" else ""
-            print(f"{rec['ts']:.3f} {rec['event']:<9} {rec.get('workload', ''):<20} "
-                  f"{rec.get('data_class', ''):<12} {where} {extra}".rstrip())
+        return 0
+    if not records:
+        print(f"no {args.event + ' ' if args.event else ''}records for {args.cluster!r} "
+              f"in {log.path}")
+        return 0
+    for rec in records:
+        print(describe(rec))
     return 0

@@ -13,7 +13,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("validate", help="check cluster files and report every problem",
                        description="Validate cluster files. Arguments containing '=' are "
                                    "key.path=value overrides applied to every file.")
-    p.add_argument("items", nargs="+", metavar="FILE|key=value")
+    # "*", not "+": with no file the command's own message (and exit 2) beats argparse's
+    p.add_argument("items", nargs="*", metavar="FILE|key=value")
     p.set_defaults(func=run)
 
 

@@ -63,9 +63,15 @@ def read_token_digests(config: ServeConfig) -> list[str]:
         where = " or ".join(x for x in (f"${auth.tokens_env}" if auth.tokens_env else "",
                                           f"auth.token_file ({auth.token_file})"
                                           if auth.token_file else "") if x)
+        job = (" A Ray job (ray job submit) has the head's environment, not your shell's: "
+               "pass the variable with --runtime-env-json '{\"env_vars\": "
+               "{\"HYBRIDRAY_SERVE_TOKENS\": \"...\"}}' or give auth.token_file=PATH of a "
+               "file on the head node (docs/serving.md)") \
+            if os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") \
+            else ""
         raise ConfigError(f"auth.enabled: no bearer token found in {where or 'nothing'}; set "
                           "one (comma-separated for several), or auth.enabled=false for a "
-                          "service nobody outside this machine can reach")
+                          "service nobody outside this machine can reach." + job)
     short = [t for t in tokens if len(t) < MIN_TOKEN_CHARS]
     if short:
         raise ConfigError(f"auth: a token has {len(short[0])} characters; use at least "

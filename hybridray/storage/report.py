@@ -31,7 +31,9 @@ class SyncResult:
     rows: int = 0                 # rows in the committed version
     rows_moved: int = 0
     bytes: int = 0                # bytes of the committed version
-    bytes_moved: int = 0          # bytes that crossed from the source site to the destination
+    bytes_moved: int = 0          # bytes that crossed from the source site to the destination:
+    #                               the parts as written, after masking and compression
+    bytes_read: int = 0           # source bytes those parts were made from (what the bar counts)
     seconds: float = 0.0
     cost: float = 0.0             # egress price of bytes_moved over the link
     masked: bool = False          # a rule changed or removed at least one column
@@ -61,7 +63,9 @@ class SyncResult:
             ("parts", f"{self.parts_written} written, {self.parts_adopted} recovered from an "
                       f"interrupted sync, {self.parts_carried} kept"),
             ("rows", f"{self.rows:,} in the version, {self.rows_moved:,} moved"),
-            ("bytes", f"{_size(self.bytes_moved)} moved of {_size(self.bytes)}"),
+            ("bytes", f"{_size(self.bytes_moved)} moved (parts as written, after masking and "
+                      f"compression; read from {_size(self.bytes_read)} at the source); the "
+                      f"version holds {_size(self.bytes)}"),
             ("speed", f"{self.mb_per_s:.1f} MB/s over {self.seconds:.1f} s"),
             ("class", f"{self.source_class} → {self.data_class}"
                       + (" (masked)" if self.masked else "")
@@ -104,21 +108,23 @@ class RichProgress:
             self.console.print(info["message"], soft_wrap=True)
         elif event == "start":
             if not self.console.is_terminal:
-                self.console.print(f"moving {info['parts']} parts ({_size(info['bytes'])})",
-                                   soft_wrap=True)
+                self.console.print(f"moving {info['parts']} parts: reading "
+                                   f"{_size(info['bytes'])} at the source", soft_wrap=True)
                 return
             self._progress = Progress(TextColumn("{task.description}"), BarColumn(),
                                       DownloadColumn(), TransferSpeedColumn(),
                                       TimeRemainingColumn(), console=self.console)
             self._progress.start()
-            self._task = self._progress.add_task(f"{info['parts']} parts", total=info["bytes"])
+            self._task = self._progress.add_task(f"{info['parts']} parts (source bytes)",
+                                                 total=info["bytes"])
         elif event == "part":
-            if self._progress is not None:
-                self._progress.advance(self._task, info["bytes"])
+            if self._progress is not None:   # the bar counts source bytes, as its total does
+                self._progress.advance(self._task, info.get("source_bytes", info["bytes"]))
             else:
-                self.console.print(f"  wrote {info['path']} ({_size(info['bytes'])}, "
-                                   f"{info['rows']:,} rows) at {info.get('site', '?')}",
-                                   soft_wrap=True)
+                self.console.print(f"  wrote {info['path']} ({_size(info['bytes'])} from "
+                                   f"{_size(info.get('source_bytes', info['bytes']))} of "
+                                   f"source, {info['rows']:,} rows) at "
+                                   f"{info.get('site', '?')}", soft_wrap=True)
         elif event == "stage" and self._progress is not None:
             self._progress.console.print(info["message"], soft_wrap=True)
         elif event == "end" and self._progress is not None:

@@ -113,6 +113,7 @@ class _Run:
         self.sync_id = new_owner()
         self.started = time.perf_counter()
         self.moved_unaudited = 0
+        self.bytes_read = 0
         self.last_audit = time.monotonic()
         self.outcome_recorded = False
         self.phases: dict[str, float] = {}
@@ -219,6 +220,7 @@ class _Run:
             rows=sum(p.rows for p in parts), rows_moved=sum(r["rows"] for r in written.values()),
             bytes=sum(p.bytes for p in parts),
             bytes_moved=sum(r["bytes"] for r in written.values()),
+            bytes_read=self.bytes_read if written else 0,
             masked=bool(spec and any(r.rule != "keep" for r in spec.columns.values())),
             masking=masking_mod.actions(spec, src_class),
             encrypted=dst_keys is not None,
@@ -403,7 +405,9 @@ class _Run:
 
         from hybridray.placement.compile import data_remote_args
 
-        total = sum(pp.info.size if pp.mode == "copy" else _part_size(pp) for pp in todo)
+        sizes = {pp.path: pp.info.size if pp.mode == "copy" else _part_size(pp) for pp in todo}
+        total = sum(sizes.values())
+        self.bytes_read = total
         self.report("start", {"parts": len(todo), "bytes": total})
         items = [{"spec": json.dumps(pp.spec())} for pp in todo]
         written: dict[str, dict[str, Any]] = {}
@@ -424,7 +428,8 @@ class _Run:
                             P.raise_error_record(rec["error"])
                         written[rec["path"]] = rec
                         self.moved_unaudited += rec["bytes"]
-                        self.report("part", rec)
+                        self.report("part", {**rec, "source_bytes": sizes.get(rec["path"],
+                                                                              rec["bytes"])})
                         self._flush_transfers()
             except Exception as e:
                 raise _unwrap(e) from None

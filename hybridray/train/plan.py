@@ -231,9 +231,9 @@ def _vet_resume(fs: Any, run_dir: str, kind: ModelKind, data_class: DataClass,
         try:
             ckpt.check_fits(reader, have, kind)
         except TrainError as e:
-            reason = str(e).split(": ", 1)[-1].split("; ", 1)[0]
-            raise TrainError(f"run {config.name!r} cannot resume from {here}: {reason}. "
-                             f"Choose: {choices}") from None
+            raise TrainError(f"run {config.name!r} cannot resume its checkpoint: "
+                             f"{str(e).split('; ', 1)[0]}. Choose: set model.* to match it, "
+                             f"{choices}") from None
         if DataClass(meta["data_class"]) > data_class:
             raise TrainError(f"{reader.where(ckpt.META_FILE)}: the run's checkpoints are "
                              f"{meta['data_class']}, above this run's {data_class.value}; "

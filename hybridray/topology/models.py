@@ -210,7 +210,8 @@ class NodePool(_Strict):
 class Storage(_Strict):
     """Where a site keeps datasets, checkpoints and models (a pyarrow filesystem URI)."""
 
-    root: str = Field(description="file:///path, s3://bucket/prefix or gs://bucket/prefix.")
+    root: str = Field(description="file:///path, s3://bucket/prefix or gs://bucket/prefix; "
+                                  "${HYBRIDRAY_CLUSTER} in it is the cluster's name.")
     endpoint: str | None = Field(None, description="S3-compatible endpoint URL (s3:// only).")
     region: str | None = Field(None, description="Object store region (s3:// and gs://).")
     encrypt_at_rest: bool = Field(

@@ -62,9 +62,10 @@ def test_work_that_can_never_fit_beside_a_holder_is_refused_naming_it(hr_cluster
     one_cpu_task = Workload(name="one-cpu", cpus=1, data_classes=["restricted"])
     assert not hr_cluster.place(one_cpu_task).ok               # 0.75 free, and it lasts
     assert hr_cluster.place(Workload(name="half", cpus=0.5, data_classes=["restricted"])).ok
-    assert hr_cluster.place(group.model_copy(update={"queue": True})).ok   # asked to queue
+    assert hr_cluster.place(Workload(**{**group.model_dump(), "queue": True})).ok  # queues
     # internal data may burst: the clouds still have room, so nothing is refused
-    assert hr_cluster.place(group.model_copy(update={"data_classes": ("internal",)})).ok
+    assert hr_cluster.place(Workload(**{**group.model_dump(),
+                                        "data_classes": ["internal"]})).ok
 
 
 def test_a_queued_task_is_reported_with_its_holder_then_given_up(hr_cluster, hold_onprem):

@@ -168,6 +168,10 @@ class Usage:
         return "; ".join(parts)
 
 
+_NO_STATE: dict[str, float] = {}   # GCS address -> when the state API last failed
+STATE_RETRY_S = 30.0
+
+
 def node_usage(*, pending: bool = False) -> Usage:
     """Every alive node's resources and holders, and (``pending``) the unplaced demands.
 
@@ -190,11 +194,38 @@ def node_usage(*, pending: bool = False) -> Usage:
             avail.get("CPU", 0.0), avail.get("GPU", 0.0), labels.get(L.ACCELERATOR),
             labels.get(L.MARKET_TYPE) == "spot", labels.get(L.ROLE) == "head")
     usage = Usage(list(nodes.values()), [])
-    try:
-        _read_state(nodes, usage, pending)
-    except Exception as e:  # no dashboard, or it is busy: say so instead of guessing
-        usage.state_api = _why_no_state(e)
+    gcs = ray.get_runtime_context().gcs_address
+    failed = _NO_STATE.get(gcs)
+    if failed is None or time.monotonic() - failed >= STATE_RETRY_S:
+        try:
+            _read_state(nodes, usage, pending)
+            _NO_STATE.pop(gcs, None)
+            return usage
+        except Exception as e:  # no dashboard, or it is busy: say so instead of guessing
+            usage.state_api = _why_no_state(e)
+            _NO_STATE[gcs] = time.monotonic()
+    usage.state_api = usage.state_api or _why_no_state(None)
+    if pending:
+        with contextlib.suppress(Exception):
+            usage.demands = _gcs_demands(gcs)
     return usage
+
+
+def _gcs_demands(gcs: str) -> list[Demand]:
+    """Without the state API: the shapes the GCS has pending, whoever asked for them (Ray's
+    autoscaler reads the same), with no job, name or site attached."""
+    from ray.autoscaler.v2.sdk import get_cluster_status
+
+    summary = get_cluster_status(gcs, timeout=5).resource_demands
+    out = []
+    for kind, demands in (("task or actor", summary.ray_task_actor_demand),
+                          ("placement group bundle", summary.placement_group_demand)):
+        for demand in demands:
+            for req in demand.bundles_by_count:
+                cpus, gpus = _cpu_gpu(req.bundle)
+                out.append(Demand(f"{req.count} × {kind} {dict(req.bundle)}",
+                                  cpus * req.count, gpus * req.count, (), None, ""))
+    return out
 
 
 def _read_state(nodes: dict[str, NodeUsage], usage: Usage, pending: bool) -> None:
@@ -271,9 +302,11 @@ def _read_state(nodes: dict[str, NodeUsage], usage: Usage, pending: bool) -> Non
                                     name))
 
 
-def _why_no_state(e: Exception) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    if "dashboard" in text.lower() or "connect" in text.lower() or "refused" in text.lower():
+def _why_no_state(e: Exception | None) -> str:
+    text = "" if e is None else (str(e).strip().splitlines()[0] if str(e).strip()
+                                 else type(e).__name__)
+    low = text.lower()
+    if e is None or "dashboard" in low or "connect" in low or "refused" in low:
         return "Ray's state API is served by the dashboard, which is not reachable " \
                "(a cluster started with --no-dashboard)"
     return f"Ray's state API did not answer ({text[:160]})"
@@ -388,7 +421,8 @@ class waiting:  # noqa: N801  (a context manager used as ``with waiting(...)``)
 
         if self.match is None and ray.is_initialized():
             job = ray.get_runtime_context().get_job_id()
-            self.match = lambda d: d.job_id == job
+            # a demand of no known job comes from the GCS (no state API): it may be ours
+            self.match = lambda d: d.job_id in (job, None)
         self._interrupt = threading.current_thread() is threading.main_thread()
         self._thread = threading.Thread(target=self._run, name="hybridray-waiting",
                                         daemon=True)
@@ -397,8 +431,8 @@ class waiting:  # noqa: N801  (a context manager used as ``with waiting(...)``)
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=STATE_TIMEOUT_S + 5)
+        if self._thread is not None:   # a poll in flight is abandoned: it only reads
+            self._thread.join(timeout=2)
         if self.gave_up is not None:
             raise ResourceWaitTimeout(self.gave_up) from None
         return False
@@ -415,6 +449,8 @@ class waiting:  # noqa: N801  (a context manager used as ``with waiting(...)``)
                     self.say(f"{self.what}: cannot read Ray's state to report waits ({e})")
                     warned = True
                 continue
+            if self._stop.is_set():
+                return
             ours = [d for d in usage.demands if self.match is None or self.match(d)]
             now = time.monotonic()
             if not ours:

@@ -1,10 +1,14 @@
-"""The quick demo end to end, judged by its own report.json, from an installed package.
+"""The quick demo end to end, judged by its own report.json, from an installed package,
+next to a user's cluster.
 
 It runs ``hybridray demo --quick`` as a user would: hybridray ``pip install``-ed (not
 editable) into a fresh venv outside the repository, the command run from an empty directory
 (so the cluster file and configs must come with the package), under its own HYBRIDRAY_HOME
 and cluster name, so it never touches the session's shared cluster; ports are picked free by
-``up``. It kills one of its own nodes on purpose.
+``up``. It kills one of its own nodes on purpose. In the same home a user's ``local`` cluster
+(clusters/local.yaml) runs beside it, holding data at the very paths the demo writes to
+(tickets, a masked copy synced to cloud-a, a corpus, a checkpoint): every byte of it must be
+unchanged afterwards (issue 15: the demo once replaced a user's datasets).
 
 Installing hybridray's dependencies again (torch, Ray: two minutes of a 2-core machine) would
 test pip, not hybridray: the fresh venv sees this test run's site-packages through a ``.pth``
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import site
 import subprocess
@@ -69,15 +74,23 @@ def demo(tmp_path_factory, installed):
            if k not in FOREIGN_ENV and k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(HYBRIDRAY_HOME=str(home), RAY_USAGE_STATS_ENABLED="0",
                PATH=f"{installed}{os.pathsep}{env.get('PATH', '')}")
-    proc = subprocess.run(
-        [str(installed / "hybridray"), "demo", "--quick", "--name", "t-demo",
-         "--report-dir", str(out)],
-        cwd=empty, env=env, capture_output=True, text=True, timeout=1200)
+    hr = [str(installed / "hybridray")]
+    user = _users_cluster(home, env, hr)
+    try:
+        before = {root: _tree(root) for root in user["roots"]}
+        proc = subprocess.run(
+            [*hr, "demo", "--quick", "--name", "t-demo", "--report-dir", str(out)],
+            cwd=empty, env=env, capture_output=True, text=True, timeout=1200)
+        after = {root: _tree(root) for root in user["roots"]}
+    finally:
+        subprocess.run([*hr, "down", "local"], cwd=ROOT, env=env, capture_output=True,
+                       timeout=300)
     facts_path = out / "report.json"
     assert facts_path.exists(), (f"no report (exit {proc.returncode}):\n"
                                  f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return {"proc": proc, "facts": json.loads(facts_path.read_text()), "out": out,
-            "home": home, "cwd": empty, "installed": installed}
+            "home": home, "cwd": empty, "installed": installed,
+            "user": {**user, "before": before, "after": after}}
 
 
 def test_the_installed_package_is_what_runs_and_carries_its_configs(installed):
@@ -93,6 +106,65 @@ def test_the_installed_package_is_what_runs_and_carries_its_configs(installed):
     assert cluster_file.startswith(venv) and cluster_file.endswith(
         "hybridray/_shipped/clusters/local.yaml")
     assert Path(train_config).read_text() == (ROOT / "configs/train/tiny.yaml").read_text()
+
+
+def _users_cluster(home, env, hr) -> dict:
+    """A user's ``local`` cluster, up, holding data where the demo's cluster writes its own."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    up = subprocess.run([*hr, "up", "clusters/local.yaml", "--no-dashboard"], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=600)
+    assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-2000:]
+    onprem, cloud_a = home / "storage/local/onprem", home / "storage/local/cloud-a"
+    tickets = onprem / "datasets/tickets"                       # the demo's own paths
+    tickets.mkdir(parents=True)
+    ids = list(range(500))
+    pq.write_table(pa.table({
+        "id": ids, "customer_email": [f"me{i}@mine.example" for i in ids],
+        "customer_phone": [f"+1 555 200 {1000 + i}" for i in ids],
+        "body": [f"my own ticket {i}" for i in ids],
+        "created_at": pa.array([i * 60_000_000 for i in ids], pa.timestamp("us")),
+        "amount": [float(i) for i in ids]}), tickets / "part-000.parquet")
+    corpus = onprem / "datasets/stdlib-bytes"
+    corpus.mkdir(parents=True)
+    (corpus / "manifest.json").write_text('{"mine": "a corpus of my own"}\n')
+    (onprem / "checkpoints/demo-lm").mkdir(parents=True)
+    (onprem / "checkpoints/demo-lm/notes.txt").write_text("my own run\n")
+    shell = subprocess.run([*hr, "env", "local"], cwd=ROOT, env=env, capture_output=True,
+                           text=True, check=True).stdout
+    driver = dict(env)
+    for line in shell.splitlines():
+        if line.startswith("export "):
+            key, _, value = line[len("export "):].partition("=")
+            driver[key] = shlex.split(value)[0] if value else ""
+    sync = subprocess.run(
+        [*hr, "sync", "onprem:datasets/tickets", "cloud-a:datasets/tickets", "--cluster",
+         "local", "--data-class", "restricted", "--mask", "configs/masks/tickets.yaml",
+         "--json"], cwd=ROOT, env=driver, capture_output=True, text=True, timeout=600)
+    assert sync.returncode == 0, sync.stdout[-2000:] + sync.stderr[-2000:]
+    assert json.loads(sync.stdout)["rows"] == 500
+    return {"roots": [onprem, cloud_a]}
+
+
+def _tree(root) -> dict[str, str]:
+    """sha256 of every file under ``root``, by relative path."""
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_the_users_cluster_and_every_byte_of_its_data_are_untouched(demo):
+    user = demo["user"]
+    for root in user["roots"]:
+        assert len(user["before"][root]) >= 3, root              # there was data to lose
+        assert user["after"][root] == user["before"][root], root
+    assert (user["roots"][1] / "datasets/tickets/_CURRENT").is_file()   # committed by the user
+    demo_root = demo["home"] / "storage/t-demo/onprem"                 # the demo's own storage
+    assert (demo_root / "datasets/tickets").is_dir()
+    assert (demo_root / "datasets/stdlib-bytes/manifest.json").is_file()
+    assert (demo["home"] / "storage/t-demo/cloud-a/datasets/tickets/_CURRENT").is_file()
 
 
 def test_the_demo_exits_cleanly_and_writes_its_report(demo):

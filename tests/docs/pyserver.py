@@ -28,10 +28,12 @@ def main() -> None:
         code = "\n" * (request["line"] - 1) + request["code"]
         try:
             exec(compile(code, request["filename"], "exec"), namespace)
-        except BaseException:   # noqa: BLE001  (SystemExit too: report it, keep serving)
+        except BaseException as e:   # noqa: BLE001  (SystemExit too: report it, keep serving)
             sys.stdout.flush()
             sys.stderr.flush()
-            answers.write(json.dumps({"ok": False, "error": traceback.format_exc()}) + "\n")
+            tb = e.__traceback__.tb_next if e.__traceback__ else None   # not this file's frame
+            text = "".join(traceback.format_exception(type(e), e, tb))
+            answers.write(json.dumps({"ok": False, "error": text}) + "\n")
             continue
         sys.stdout.flush()
         sys.stderr.flush()

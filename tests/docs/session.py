@@ -102,9 +102,12 @@ class DocumentRun:
     def _bash(self, block: Block) -> None:
         n = len(self.done)
         script, state = self.scratch / f"block-{n}.sh", self.scratch / f"state-{n}"
+        offset = block.body_line - 4          # the script's line 4 is the block's first line
         script.write_text(
             "set -e -o pipefail\n"
             f"trap '[ $? -eq 0 ] && {{ export -p > {state}.env; pwd > {state}.cwd; }}' EXIT\n"
+            f"trap 'echo \"[docs tests] {block.doc}:$((LINENO + {offset})): exit status $? "
+            "from: $BASH_COMMAND\" >&2' ERR\n"
             + block.text)
         try:
             proc = subprocess.run(["bash", "--noprofile", "--norc", str(script)],

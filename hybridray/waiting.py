@@ -25,6 +25,7 @@ from __future__ import annotations
 import _thread
 import contextlib
 import os
+import signal
 import sys
 import threading
 import time
@@ -424,6 +425,12 @@ class waiting:  # noqa: N801  (a context manager used as ``with waiting(...)``)
             # a demand of no known job comes from the GCS (no state API): it may be ours
             self.match = lambda d: d.job_id in (job, None)
         self._interrupt = threading.current_thread() is threading.main_thread()
+        self._sigint = None
+        if self._interrupt and not callable(signal.getsignal(signal.SIGINT)):
+            # A process started with SIGINT ignored (a background job of a script, nohup)
+            # has no handler for interrupt_main to call: the give-up would never reach the
+            # blocked call. Install Python's own for the length of the wait.
+            self._sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
         self._thread = threading.Thread(target=self._run, name="hybridray-waiting",
                                         daemon=True)
         self._thread.start()
@@ -433,6 +440,8 @@ class waiting:  # noqa: N801  (a context manager used as ``with waiting(...)``)
         self._stop.set()
         if self._thread is not None:   # a poll in flight is abandoned: it only reads
             self._thread.join(timeout=2)
+        if self._sigint is not None:
+            signal.signal(signal.SIGINT, self._sigint)
         if self.gave_up is not None:
             raise ResourceWaitTimeout(self.gave_up) from None
         return False

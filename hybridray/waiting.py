@@ -269,8 +269,8 @@ def _read_state(nodes: dict[str, NodeUsage], usage: Usage, pending: bool) -> Non
             node.holders.append(Holder(f"task {t.name}", cpus, gpus, False))
     if not pending:
         return
-    # Pending work is reported whatever it asks for: zero CPUs still need an alive node
-    # that matches its label selector (a site whose node is down).
+    # Pending work that names a site is reported whatever it asks for: zero CPUs still need
+    # an alive node there (a site whose node is down).
     for g in groups:
         if g.state in ("PENDING", "RESCHEDULING"):
             bundles = g.bundles or []
@@ -287,6 +287,8 @@ def _read_state(nodes: dict[str, NodeUsage], usage: Usage, pending: bool) -> Non
         if a.state == "PENDING_CREATION" and not a.placement_group_id:
             what, _ = _actor_words(a.class_name, a.name, a.job_id)
             sites = _sites_of([a.label_selector, *_fallbacks(a.fallback_strategy)], node_site)
+            if not (cpus or gpus or sites):
+                continue        # a worker process still starting, not a wait for resources
             usage.demands.append(Demand(what, cpus, gpus, sites, a.job_id,
                                         f"{a.class_name or ''}|{a.name or ''}"))
     waiting = list_tasks(filters=[("state", "=", "PENDING_NODE_ASSIGNMENT")], **kw)
@@ -296,6 +298,8 @@ def _read_state(nodes: dict[str, NodeUsage], usage: Usage, pending: bool) -> Non
         if t.type != "NORMAL_TASK" or t.placement_group_id:
             continue
         sites = _sites_of([t.label_selector, *_fallbacks(t.fallback_strategy)], node_site)
+        if not (cpus or gpus or sites):
+            continue
         by_kind[(t.name, cpus, gpus, sites, t.job_id)].append(t)
     for (name, cpus, gpus, sites, job), tasks in by_kind.items():
         what = f"task {name}" if len(tasks) == 1 else f"{len(tasks)} tasks {name}"

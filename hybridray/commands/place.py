@@ -40,6 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-burst", action="store_true", help="never fall back to other sites")
     p.add_argument("--no-spot", action="store_true", help="never use spot pools")
     p.add_argument("--live", action="store_true", help="use the running cluster's capacity")
+    p.add_argument("--queue", action="store_true",
+                   help="with --live: wait for room that actors hold instead of a refusal")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run_place)
 
@@ -84,7 +86,7 @@ def _workload(args: argparse.Namespace) -> Workload:
                   data_classes=tuple(args.data_classes), data_site=args.data_site,
                   data_bytes=args.data_bytes, expected_hours=args.expected_hours,
                   preference=args.prefer, site=args.site, burst=not args.no_burst,
-                  spot_ok=not args.no_spot)
+                  spot_ok=not args.no_spot, queue=args.queue)
     try:
         return Workload(**fields)
     except ValidationError as e:

@@ -62,8 +62,9 @@ def test_other_wan_mode_or_precision_is_refused_unless_resume_is_asked(local_clu
                                                                       four_steps):
     proc = dry_run(local_cluster, "train.steps=8", "--wan", "powersgd")
     assert proc.returncode == 2 and proc.stdout == ""
-    err = proc.stderr.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    errors = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr
+    err = errors[0]
     assert "trained with other settings" in err and "WAN mode fp32 → powersgd" in err
     assert "--resume (continue it from step 4" in err and "--new-run" in err
 

@@ -6,8 +6,10 @@ the driver and on every worker, called as ``function(**model.kwargs)``), or
 ``hybridray.train(config, model=function)`` from Python (the callable is shipped to the
 workers, closures included). The factory returns a ``torch.nn.Module`` that maps byte token
 ids ``(batch, T)`` (int64, 0..255) to logits ``(batch, T, 256)``, or to a tuple whose first
-item, or an object whose ``.logits``, is that tensor. hybridray adds the next-byte
-cross-entropy, DDP and the WAN strategies, AMP, the schedule, checkpoints and resume.
+item, or an object whose ``.logits``, is that tensor. The corpus ends each document with an
+end-of-document token (256) that the GPT's vocabulary has; your model sees byte 0 there.
+hybridray adds the next-byte cross-entropy, DDP and the WAN strategies, AMP, the schedule,
+checkpoints and resume.
 
 Optional methods the loop uses when the module has them: ``optimizer(lr, weight_decay,
 betas)`` (else AdamW with decay on matrices only) and ``flops_per_token(seq_len)`` for MFU

@@ -28,6 +28,7 @@ from hybridray.train.kinds import ModelKind, kind_of
 from hybridray.train.model import TOKENIZER
 from hybridray.train.wan import make_strategy
 
+EOT = 256   # the corpus's end-of-document token; byte models (ids 0..255) see byte 0 there
 CPU_PEAK_FLOPS_PER_CPU = 1e11      # MFU default on CPU: 100 GFLOP/s per logical CPU
 GPU_PEAK_FLOPS = {                 # dense peak per GPU: (bf16/fp16 tensor cores, fp32)
     "H100": (989e12, 67e12), "H200": (989e12, 67e12), "A100": (312e12, 19.5e12),
@@ -211,6 +212,8 @@ def run_loop(spec: dict[str, Any], session: Session) -> dict[str, Any]:
         spec["corpus"], spec["corpus_address"], topology)
     kind = kind_of(spec["model_config"], spec.get("model_fn"))
     block = kind.block_size
+    if kind.config.vocab_size <= EOT:   # a byte model has no id for "end of document":
+        tokens = {k: np.where(v == EOT, 0, v).astype(v.dtype) for k, v in tokens.items()}
     train_data = Sampler(tokens["train"], block, t.seed, "train")
     val_data = Sampler(tokens["val"], block, t.seed, "val")
 

@@ -172,3 +172,17 @@ models:
                                           r"\(tests\.train\.custom_models:build\); the "
                                           r"completion route serves hybridray GPT"):
         plan_service(parse_serve_config(text), local_topology())
+
+
+def test_own_model_sees_byte_0_where_the_corpus_ends_a_document(tmp_path):
+    """Real corpora end every document with EOT (256), which a byte model's 256-row
+    embedding has no row for; the loop hands it byte 0 there instead of crashing."""
+    import numpy as np
+
+    toks = np.frombuffer(b"def f():\n    return 1\n" * 40, dtype=np.uint8).astype(np.uint16)
+    toks = toks.copy()
+    toks[::17] = 256                                     # an end of document every 17 bytes
+    spec = custom_spec(["train.steps=4", "train.eval_interval=4"], kwargs={"width": 16})
+    spec["tokens"] = {"train": toks, "val": toks[:200]}
+    out = run_loop(spec, LocalSession(tmp_path / "ck"))
+    assert out["step"] == 4 and all(np.isfinite(loss) for _, loss in out["eval_history"])

@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import textwrap
+import time
 from pathlib import Path
 
 from tests.docs.blocks import MARKER, ROOT, Block
@@ -86,9 +87,17 @@ class DocumentRun:
         self.python: subprocess.Popen | None = None
         self.python_log = scratch / "python.log"
         self.done: list[str] = []
+        self.seconds: dict[str, float] = {}   # per block, for the suite's time budget
 
     # -- running ------------------------------------------------------------------------
     def run(self, block: Block) -> None:
+        started = time.monotonic()
+        try:
+            self._run(block)
+        finally:
+            self.seconds[block.where] = round(time.monotonic() - started, 1)
+
+    def _run(self, block: Block) -> None:
         if block.action == "bash":
             self._bash(block)
         elif block.action == "python":

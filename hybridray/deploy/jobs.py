@@ -8,12 +8,14 @@ record's driver node is looked up afterwards, so the caller sees where it really
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from hybridray.exceptions import ClusterError, ConfigError
+from hybridray.waiting import FIRST_REPORT_S
 
 
 @dataclass
@@ -90,11 +92,19 @@ def submit(cluster: str, entrypoint: list[str], *, site: str | None = None,
     deadline = time.monotonic() + timeout
     done = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED)
     status = client.get_job_status(job_id)
-    with _pending_report(cluster, home, job_id, client, say):
-        while status not in done:
+    pending_since, watch = time.monotonic(), None
+    with contextlib.ExitStack() as report:
+        while status not in done and not (watch and watch.gave_up):
             if time.monotonic() > deadline:
                 raise ClusterError(f"job {job_id} still {status.name} after {timeout:.0f}s; "
                                    f"follow it with: ray job logs -f {job_id}")
+            # Only an entrypoint still pending after a few seconds is reported (that needs a
+            # Ray driver here); one that starts at once needs only the dashboard's Jobs API,
+            # so submit works from any machine that reaches it (an attached cluster).
+            if watch is None and status == JobStatus.PENDING and \
+                    time.monotonic() - pending_since >= FIRST_REPORT_S:
+                watch = report.enter_context(_pending_report(cluster, home, job_id, client,
+                                                             say))
             time.sleep(1)
             status = client.get_job_status(job_id)
     result.status = status.name
@@ -157,8 +167,22 @@ def _pending_report(cluster: str, home: str | None, job_id: str, client,
 
     if not ray.is_initialized():
         connect(cluster, home=home)
-    return waiting(f"job {job_id}", say=say, match=lambda d: job_id in d.key,
-                   stop=lambda: client.stop_job(job_id))
+
+    def stop() -> None:
+        # Ray's stop_job only queues a stop call on the supervisor actor: one that is still
+        # waiting to be created would start the entrypoint once CPUs free up, and the job
+        # would stay PENDING meanwhile. Kill the pending actor (Ray then fails the job).
+        from ray.dashboard.modules.job.common import (
+            JOB_ACTOR_NAME_TEMPLATE,
+            SUPERVISOR_ACTOR_RAY_NAMESPACE,
+        )
+
+        with contextlib.suppress(ValueError):   # gone already
+            ray.kill(ray.get_actor(JOB_ACTOR_NAME_TEMPLATE.format(job_id=job_id),
+                                   namespace=SUPERVISOR_ACTOR_RAY_NAMESPACE), no_restart=True)
+        client.stop_job(job_id)
+
+    return waiting(f"job {job_id}", say=say, match=lambda d: job_id in d.key, stop=stop)
 
 
 def _driver_site(node_id: str | None, state) -> str | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -126,3 +127,37 @@ def test_train_cli_queues_reports_and_gives_up_then_leaves_nothing_waiting(
                if g.state in ("PENDING", "RESCHEDULING")]
     assert pending == [], pending
     assert ray.is_initialized()
+
+
+def test_submit_reports_an_entrypoint_waiting_for_cpus_then_stops_the_job(
+        local_cluster, hr_cluster, hold_onprem):
+    """A job entrypoint asking for 1.5 CPUs at onprem, where 1.25 are held: submit says
+    what it waits for and what holds it, ends the job at the deadline, exits 2."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from hybridray.cluster import ray_env
+
+    hold_onprem(1.25)
+    proc = subprocess.run(
+        [sys.executable, "-m", "hybridray", "submit", "--cluster", local_cluster.name,
+         "--site", "onprem", "--data-class", "public", "--cpus", "1.5",
+         "--wait-timeout", "8", "--", "python", "-c", "print('ran')"],
+        capture_output=True, text=True, cwd=ROOT, timeout=240,
+        env={**os.environ, **ray_env(local_cluster)})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]
+    waits = [x for x in out.splitlines() if x.startswith("job ") and ": waiting " in x]
+    assert waits, out[-3000:]
+    assert "1.5 CPU at onprem" in waits[0], waits[0]
+    assert "onprem: 0.75 of 2 CPUs free, held by actor CpuHolder" in waits[0], waits[0]
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("error: job ") and "gave up after waiting" in last, last
+    assert "stop actor CpuHolder" in last and "Traceback" not in out
+    # the job was ended, not left to start once the CPUs are free
+    job_id = last.split()[2].rstrip(":")
+    client = JobSubmissionClient(local_cluster.dashboard_url)
+    deadline = time.monotonic() + 60
+    while not client.get_job_status(job_id).is_terminal() and time.monotonic() < deadline:
+        time.sleep(1)
+    assert client.get_job_status(job_id) in (JobStatus.FAILED, JobStatus.STOPPED)
+    assert "ran" not in client.get_job_logs(job_id)

@@ -87,6 +87,7 @@ class DocumentRun:
         self.python: subprocess.Popen | None = None
         self.python_log = scratch / "python.log"
         self.done: list[str] = []
+        self.sessions: list[int] = []       # each bash block's session: what it left running
         self.seconds: dict[str, float] = {}   # per block, for the suite's time budget
 
     # -- running ------------------------------------------------------------------------
@@ -118,16 +119,23 @@ class DocumentRun:
             f"trap 'echo \"[docs tests] {block.doc}:$((LINENO + {offset})): exit status $? "
             "from: $BASH_COMMAND\" >&2' ERR\n"
             + block.text)
-        try:
-            proc = subprocess.run(["bash", "--noprofile", "--norc", str(script)],
-                                  cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL,
-                                  capture_output=True, text=True, timeout=BLOCK_TIMEOUT_S,
-                                  start_new_session=True)
-        except subprocess.TimeoutExpired as e:
-            self._fail(block, f"did not finish within {BLOCK_TIMEOUT_S} s",
-                       _text(e.stdout) + _text(e.stderr))
-        output = proc.stdout + proc.stderr
-        (self.scratch / f"block-{n}.out").write_text(output)
+        # The block's output goes to files, not pipes: a process it leaves in the background
+        # (`ray start --block ... &`) must not hold the runner until it exits.
+        out_path = self.scratch / f"block-{n}.out"
+        with open(out_path, "w") as out:
+            proc = subprocess.Popen(["bash", "--noprofile", "--norc", str(script)],
+                                    cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL,
+                                    stdout=out, stderr=subprocess.STDOUT, text=True,
+                                    start_new_session=True)
+            self.sessions.append(proc.pid)
+            try:
+                proc.wait(timeout=BLOCK_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                _end_session(proc.pid)
+                proc.wait(timeout=30)
+                self._fail(block, f"did not finish within {BLOCK_TIMEOUT_S} s",
+                           out_path.read_text(errors="replace"))
+        output = out_path.read_text(errors="replace")
         if proc.returncode != 0:
             self._fail(block, f"exited with status {proc.returncode}", output)
         self.env = _read_exports(Path(f"{state}.env"), self.env)
@@ -165,6 +173,10 @@ class DocumentRun:
 
     # -- ending -------------------------------------------------------------------------
     def close(self) -> None:
+        # What the document's blocks left running in their sessions (a reader closing the
+        # terminal): stopped by session id, so only processes these blocks started.
+        for sid in self.sessions:
+            _end_session(sid)
         if self.python is not None and self.python.poll() is None:
             self.python.stdin.close()
             try:
@@ -193,10 +205,35 @@ class DocumentRun:
             f"    {MARKER} REASON")
 
 
-def _text(value) -> str:
-    if value is None:
-        return ""
-    return value.decode(errors="replace") if isinstance(value, bytes) else value
+def _session_pids(sid: int) -> list[int]:
+    """Processes whose session id is ``sid`` (/proc/PID/stat, field 6)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 3 and int(fields[3]) == sid:
+            pids.append(int(entry.name))
+    return pids
+
+
+def _end_session(sid: int, grace_s: float = 15.0) -> None:
+    """SIGTERM every process of session ``sid``, then SIGKILL what is left after grace_s."""
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        pids = _session_pids(sid)
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and _session_pids(sid):
+            time.sleep(0.2)
 
 
 def _read_exports(path: Path, old: dict[str, str]) -> dict[str, str]:

@@ -17,8 +17,13 @@ from tests.paths import CLUSTERS
 DOC = Path(__file__).resolve().parents[2] / "docs" / "deploy.md"
 
 
+def doc_blocks() -> list[str]:
+    """The blocks of DOC this module runs (the docs tests skip them: tests/docs/blocks.py)."""
+    return [re.search(r"```bash\n(.*?)```", DOC.read_text(), re.S).group(1)]
+
+
 def test_the_first_block_of_deploy_md_runs_as_written(tmp_path):
-    block = re.search(r"```bash\n(.*?)```", DOC.read_text(), re.S).group(1)
+    block = doc_blocks()[0]
     assert "hybridray certs" in block and "hybridray render" in block
     (tmp_path / "clusters").symlink_to(CLUSTERS)
     bindir = tmp_path / "bin"

@@ -9,6 +9,13 @@ visible to the reader:
   a cloud account, a GPU, runs until Ctrl-C, …); REASON says why.
 * ``# file: PATH`` — the block is a file the reader saves (a module, a config); the tests
   write it to PATH in the document's working directory, and later blocks use it.
+
+A block another test already runs as written (the namespace rehearsal needs root and its own
+cluster: ``tests/cluster/test_netns.py``) is not run twice: its marker's reason names that
+test, ``tests/PATH.py::TEST`` (``TEST*`` for several), and that module's ``doc_blocks()``
+returns the texts it runs. ``covered_by`` reads the reference; ``test_blocks.py`` checks that
+the module and tests exist and run exactly the marked blocks, and that every block such a
+module runs is marked as run by it.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ RUN = {"bash": "bash", "sh": "bash", "shell": "bash", "python": "python", "py": 
 MARKER = "# not run by the docs tests:"
 _MARKER_RE = re.compile(r"^#\s*not run by the docs tests:\s*(.*)$")
 _FILE_RE = re.compile(r"^#\s*file:\s*(\S+)\s*$")
+_COVERED_RE = re.compile(r"(tests/[\w/]+\.py)::(\w+\*?)")
 _FENCE_RE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})\s*(?P<info>[^`]*)$")
 
 # Reading order: the README, then the guides in the order the README's map sends a reader;
@@ -46,6 +54,13 @@ class Block:
     @property
     def where(self) -> str:
         return f"{self.doc}:{self.line}"
+
+    @property
+    def covered_by(self) -> tuple[str, str] | None:
+        """(test module path, test name or ``prefix*``) when a marked block says which test
+        runs it instead."""
+        m = _COVERED_RE.search(self.reason) if self.action == "skip" else None
+        return (m.group(1), m.group(2)) if m else None
 
     @property
     def body_line(self) -> int:

@@ -32,6 +32,7 @@ from typing import Any
 
 from hybridray.cluster import membership, mirror
 from hybridray.cluster.gcs import GcsView, split_address
+from hybridray.cluster.roots import check_storage_is_own, claim_storage
 from hybridray.cluster.state import (
     ORIGIN_ATTACH,
     ClusterState,
@@ -126,6 +127,8 @@ def attach(name: str, address: str, topology: Topology | str | os.PathLike, *,
     tls_env = tls_from_dir(tls) if isinstance(tls, (str, os.PathLike)) else dict(tls or {})
     host = _split(address)[0]
     _refuse_existing(name, home)
+    # its storage is its own, as for `up`: no root another recorded or owning cluster uses
+    check_storage_is_own(topo, hybridray_home(home).expanduser().absolute())
     probe(address, tls_env)
     url = _dashboard(dashboard_url, host, token, probe_dashboard, say)
 
@@ -142,6 +145,7 @@ def attach(name: str, address: str, topology: Topology | str | os.PathLike, *,
     with cluster_lock(name, home_path, wait=True):
         _refuse_existing(name, home_path)
         result = enroll(state, topo, wait_nodes=wait_nodes, wait_s=wait_s, how="attach")
+        claim_storage(topo, home_path, existing_only=True)
     sites = sorted({m.site for m in state.members})
     say(f"attached {name!r} at {address}: {len(state.members)} member node(s) at "
         f"{', '.join(sites)}; dashboard {url or 'none'}; TLS {'on' if tls_env else 'off'}")

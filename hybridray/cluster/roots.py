@@ -1,4 +1,5 @@
-"""A cluster's storage is its own: ``up`` refuses a cluster whose storage another one uses.
+"""A cluster's storage is its own: ``up`` and ``attach`` refuse a cluster whose storage
+another one uses.
 
 Two clusters writing under one storage root overwrite each other's datasets and checkpoints
 without any error: the demo (cluster ``demo`` from ``clusters/local.yaml``) once replaced a
@@ -56,14 +57,17 @@ def check_storage_is_own(topology: Topology, home: Path, *, simulate: bool = Fal
                         "${HYBRIDRAY_CLUSTER} in storage.root, or pick another root")
 
 
-def claim_storage(topology: Topology, home: Path) -> None:
+def claim_storage(topology: Topology, home: Path, *, existing_only: bool = False) -> None:
     """Write the owner file into each ``file://`` root (best effort: a root that cannot be
-    created now is reported by the first command that writes there)."""
+    created now is reported by the first command that writes there). ``existing_only``
+    (attach): only roots already on this machine; one that is not is another host's."""
     body = json.dumps({"cluster": topology.name, "home": str(home)}) + "\n"
     for root in {s.storage.root for s in topology.sites.values()}:
         if not root.startswith("file://"):
             continue
         path = Path(root[len("file://"):]) / OWNER_FILE
+        if existing_only and not path.parent.is_dir():
+            continue
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             if not path.exists():

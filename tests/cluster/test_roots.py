@@ -70,3 +70,21 @@ def test_a_root_overlapping_a_recorded_cluster_is_refused(tmp_path):
         f"sites.cloud-a.storage.root=file://{tmp_path}/elsewhere"])
     with pytest.raises(ClusterError, match=r"overlaps cluster 'local'"):
         check_storage_is_own(outer, home)
+
+
+def test_attach_refuses_a_root_another_cluster_uses_before_probing_anything(tmp_path):
+    """``attach`` checks storage as ``up`` does, first: the address here answers nothing,
+    and the refusal is about the root, not the address."""
+    from hybridray.cluster.attachment import attach
+
+    home = tmp_path / "home"
+    user = _topology(tmp_path, "local", tmp_path / "shared")
+    claim_storage(user, home)
+    (tmp_path / "token").write_text("x" * 32)
+    with pytest.raises(ClusterError, match=r"inside the storage of cluster 'local'"):
+        attach("theirs", "127.0.0.1:1", _topology(tmp_path, "theirs", tmp_path / "shared"),
+               token_path=tmp_path / "token", home=home)
+    assert not (home / "clusters" / "theirs").exists()
+    with pytest.raises(ClusterError, match="nothing answers"):   # its own roots: it probes
+        attach("theirs", "127.0.0.1:1", _topology(tmp_path, "theirs", tmp_path / "own"),
+               token_path=tmp_path / "token", home=home)

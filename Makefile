@@ -22,7 +22,7 @@ demo: setup
 	$(BIN)/hybridray demo
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=40
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow and not chaos"

@@ -27,6 +27,9 @@ NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$"
 CLUSTER_VAR = "HYBRIDRAY_CLUSTER"
 CLUSTER_VAR_RE = re.compile(r"\$\{HYBRIDRAY_CLUSTER\}|\$HYBRIDRAY_CLUSTER(?![A-Za-z0-9_])")
 NAME_HELP = "lowercase letters, digits and '-', 1-32 characters, starting and ending alphanumeric"
+#: How long a node of an elastic pool may sit idle before Ray's autoscaler stops it, unless
+#: the pool sets ``idle_timeout_s`` (Ray's own default is 5 minutes too).
+DEFAULT_IDLE_TIMEOUT_S = 300.0
 _NAME_RE = re.compile(NAME_PATTERN)
 _RESOURCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/-]{0,62}")
 
@@ -124,6 +127,11 @@ class NodePool(_Strict):
     count: int | None = Field(None, ge=0, le=10000, description="Fixed number of nodes.")
     min: int | None = Field(None, ge=0, le=10000, description="Autoscaling minimum nodes.")
     max: int | None = Field(None, ge=1, le=10000, description="Autoscaling maximum nodes.")
+    idle_timeout_s: float | None = Field(
+        None, gt=0, le=604_800,
+        description="Elastic pools (min/max) only: seconds a node may sit idle before Ray's "
+                    f"autoscaler stops it (default {DEFAULT_IDLE_TIMEOUT_S:g}); min nodes "
+                    "are kept.")
     spot: bool = Field(False, description="Spot / preemptible capacity.")
     price_per_node_hour: float = Field(
         ge=0, le=10000, description="What one node costs per hour (amortised for on-prem)."
@@ -196,7 +204,20 @@ class NodePool(_Strict):
             raise problem("max", f"must be >= min (got {self.max} < {self.min})")
         if self.accelerator and self.gpus == 0:
             raise problem("accelerator", "set gpus >= 1 for a pool with an accelerator")
+        if self.idle_timeout_s is not None and self.count is not None:
+            raise problem("idle_timeout_s", "only elastic pools (min/max) stop idle nodes; "
+                          "remove idle_timeout_s, or replace count with min and max")
         return self
+
+    @property
+    def elastic(self) -> bool:
+        """Sized by Ray's autoscaler between ``min`` and ``max`` (not a fixed ``count``)."""
+        return self.count is None
+
+    @property
+    def idle_timeout(self) -> float:
+        """Seconds an idle node of this elastic pool lives (``DEFAULT_IDLE_TIMEOUT_S``)."""
+        return DEFAULT_IDLE_TIMEOUT_S if self.idle_timeout_s is None else self.idle_timeout_s
 
     @property
     def min_nodes(self) -> int:
@@ -360,6 +381,10 @@ class Head(_Strict):
     cpus: float = Field(0, ge=0, le=4096,
                         description="Logical CPUs on the head (0 keeps work off).")
     object_store_mb: int = Field(100, ge=80, le=1_048_576, description="Head object store size.")
+    autoscaler_interval_s: int = Field(
+        5, ge=1, le=300,
+        description="Seconds between rounds of Ray's autoscaler, which runs on the head when "
+                    "a local site has an elastic pool (min/max).")
 
 
 class Topology(_Strict):

@@ -51,6 +51,30 @@ class GcsNode:
     labels: dict[str, str] = field(default_factory=dict)
     total: dict[str, float] = field(default_factory=dict)
     available: dict[str, float] = field(default_factory=dict)
+    death_reason: str | None = None     # why a dead node died (DEATH_REASONS), None if alive
+    end_time: float | None = None       # when it died, epoch seconds
+
+
+# NodeDeathInfo.Reason as the words hybridray records (audit log ``node-stop.reason``)
+DEATH_REASONS = {0: "stopped", 1: "stopped", 2: "lost", 3: "preempted", 4: "idle"}
+
+
+def _death(info: Any) -> dict[str, Any]:
+    if info.state == ALIVE:
+        return {}
+    end = info.end_time_ms / 1000 if info.end_time_ms else None
+    return {"death_reason": DEATH_REASONS.get(int(info.death_info.reason), "stopped"),
+            "end_time": end}
+
+
+def node_death(client: Any, node_id: str, timeout: float = 5) -> tuple[str | None, float | None]:
+    """(reason, epoch seconds) a node died, from a bare ``GcsClient``; (None, None) while it
+    is alive or unknown. Used inside Ray's autoscaler process, which is already authenticated."""
+    for nid, info in client.get_all_node_info(timeout=timeout).items():
+        if _hex(nid) == node_id:
+            death = _death(info)
+            return death.get("death_reason"), death.get("end_time")
+    return None, None
 
 
 def _hex(node_id: Any) -> str:
@@ -117,5 +141,53 @@ class GcsView:
                 temp_dir=info.temp_dir, address=getattr(info, "node_manager_address", ""),
                 started_ms=int(getattr(info, "start_time_ms", 0) or 0),
                 labels=labels, total=dict(info.resources_total),
-                available=available.get(hex_id, {})))
+                available=available.get(hex_id, {}), **_death(info)))
         return out
+
+    def autoscaling(self, timeout: float = 5) -> dict[str, Any]:
+        """Ray's autoscaler v2 as the GCS knows it (``autoscaling_view``)."""
+        return autoscaling_view(self._client, timeout)
+
+
+def _selector(selector: Any) -> dict[str, str]:
+    """A protobuf ``LabelSelector`` as the ``{key: "in(a,b)"}`` dict Ray's API takes."""
+    out = {}
+    for c in selector.label_constraints:
+        op = type(c).DESCRIPTOR.fields_by_name["operator"].enum_type.values_by_number[
+            c.operator].name
+        values = ",".join(c.label_values)
+        out[c.label_key] = f"!in({values})" if "NOT" in op else f"in({values})"
+    return out
+
+
+def _request(request: Any, count: int = 1) -> dict[str, Any]:
+    return {"resources": dict(request.resources_bundle), "count": count,
+            "selectors": [_selector(s) for s in request.label_selectors]}
+
+
+def autoscaling_view(client: Any, timeout: float = 5) -> dict[str, Any]:
+    """What Ray's autoscaler v2 last reported to the GCS, and the demand it was shown.
+
+    Keys: ``pending_launches`` (node type and count requested from the provider),
+    ``pending_instances`` (launched, not yet running Ray), ``infeasible`` (requests the
+    autoscaler found no node type for: the proof a request did not start a node),
+    ``demands`` (pending task/actor requests with their label selectors), ``constraints``
+    (``request_resources`` bundles) and ``version`` (the autoscaler's state version, which
+    grows with each of its rounds).
+    """
+    from ray.core.generated.autoscaler_pb2 import GetClusterStatusReply
+
+    reply = GetClusterStatusReply()
+    reply.ParseFromString(client.get_cluster_status(timeout_s=timeout))
+    st, rs = reply.autoscaling_state, reply.cluster_resource_state
+    return {
+        "version": int(st.autoscaler_state_version),
+        "pending_launches": [{"node_type": r.ray_node_type_name, "count": int(r.count)}
+                             for r in st.pending_instance_requests],
+        "pending_instances": [{"node_type": i.ray_node_type_name, "instance_id": i.instance_id,
+                               "details": i.details} for i in st.pending_instances],
+        "infeasible": [_request(r) for r in st.infeasible_resource_requests],
+        "demands": [_request(r.request, int(r.count)) for r in rs.pending_resource_requests],
+        "constraints": [_request(r.request, int(r.count)) for c in
+                        rs.cluster_resource_constraints for r in c.resource_requests],
+    }

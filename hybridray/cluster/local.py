@@ -16,6 +16,8 @@ import signal
 import time
 from pathlib import Path
 
+from hybridray.audit import AuditLog
+from hybridray.cluster import elastic
 from hybridray.cluster.auth import write_token
 from hybridray.cluster.plan import NodeSpec, plan_nodes
 from hybridray.cluster.ports import check_pinned, free_ports
@@ -41,6 +43,7 @@ from hybridray.storage import emulator
 from hybridray.topology.models import Topology
 
 UP_TIMEOUT_S = 60.0
+ELASTIC_DIRS = 1_000_000  # ROOT/e99999: as long as a temp dir of the millionth node
 STOP_TIMEOUT_S = 15.0
 # Unix socket paths hold at most 107 bytes and Ray puts its sockets at
 # TEMP_DIR/session_YYYY-MM-DD_HH-MM-SS_UUUUUU_PID/sockets/plasma_store (pid up to 7 digits).
@@ -99,10 +102,13 @@ def up(topology: Topology, *, source_file: str | os.PathLike | None = None,
             raise ClusterError("--port, --dashboard-port and --tls do not apply to --hosts "
                                "netns: every host uses the rendered ports and runs mutual TLS")
     specs = plan_nodes(topology, simulate=simulate)
+    pools = elastic.elastic_pools(topology, simulate=simulate)
     name = topology.name
     home_path = hybridray_home(home).expanduser().absolute()
-    temp_dir = _ray_temp_dir(name, home_path, len(specs) * MAX_ATTEMPTS)
-    _check_socket_paths(temp_dir, len(specs) * MAX_ATTEMPTS)
+    # autoscaled nodes get temp dirs ROOT/eSEQ: allow for six characters of them
+    dirs = max(len(specs) * MAX_ATTEMPTS, ELASTIC_DIRS if pools else 0)
+    temp_dir = _ray_temp_dir(name, home_path, dirs)
+    _check_socket_paths(temp_dir, dirs)
     given_tls = _given_tls(tls) if isinstance(tls, dict) else {}  # checked before any change
     with cluster_lock(name, home_path):
         _clear_stale(name, home_path)
@@ -137,15 +143,21 @@ def up(topology: Topology, *, source_file: str | os.PathLike | None = None,
             source_file=str(Path(source_file).absolute()) if source_file else None,
             overrides=list(overrides), topology_snapshot=topology.model_dump(mode="json"),
             created_at=now_iso(), tls=given_tls)
+        if pools:
+            state.autoscaler = {"config": str(state_dir / elastic.CONFIG_FILE),
+                                "interval_s": topology.head.autoscaler_interval_s,
+                                "node_types": [p.node_type for p in pools]}
         save_state(state)
         claim_storage(topology, home_path)
         try:
             emulator.start_for(state, topology, simulate=simulate, say=say)  # cloud storage
             save_state(state)
-            _start_nodes(state, specs, timeout=timeout, say=say, pinned=pinned)
+            _start_nodes(state, specs, timeout=timeout, say=say, pinned=pinned,
+                         topology=topology, pools=pools)
             _record_members(state)
         except BaseException as e:
-            stopped = _stop_nodes(state.nodes, temp_dir=state.temp_dir)
+            stopped = [n.key for n in elastic.stop_all(state.state_dir)]
+            stopped += _stop_nodes(state.nodes, temp_dir=state.temp_dir)
             _remove_runtime(state)
             if isinstance(e, ClusterError):
                 raise ClusterError(f"{e}\nstopped the {len(stopped)} node process(es) "
@@ -195,13 +207,15 @@ def _record_members(state: ClusterState) -> None:
 
 
 def _start_nodes(state: ClusterState, specs: list[NodeSpec], *, timeout: float, say: Progress,
-                 pinned: set[int]) -> None:
+                 pinned: set[int], topology: Topology,
+                 pools: list[elastic.ElasticPool]) -> None:
     """Start every node; if one of Ray's own startup deadlines struck, start once more.
 
     Those deadlines (fixed inside Ray) strike on a machine too busy for the cluster's Python
     processes to start in time; the head cannot be replaced under running workers, so the
     whole start is repeated, on fresh ports, after stopping what the first one started.
     """
+    _write_autoscaler_config(state, topology, pools)
     try:
         Startup(state, timeout=timeout, say=say).run(specs)
         return
@@ -210,6 +224,8 @@ def _start_nodes(state: ClusterState, specs: list[NodeSpec], *, timeout: float, 
             raise
         first = str(e).splitlines()[0]
     say(f"  Ray gave up on a slow start ({first}); starting the cluster once more")
+    elastic.stop_all(state.state_dir)
+    shutil.rmtree(elastic.elastic_dir(state.state_dir), ignore_errors=True)
     _stop_nodes(state.nodes, temp_dir=state.temp_dir)
     state.nodes.clear()
     for child in Path(state.temp_dir).iterdir():
@@ -218,7 +234,34 @@ def _start_nodes(state: ClusterState, specs: list[NodeSpec], *, timeout: float, 
     state.ports = {k: v if v in pinned else next(fresh) for k, v in state.ports.items()}
     state.address = f"{state.address.rsplit(':', 1)[0]}:{state.ports['gcs']}"
     save_state(state)
+    _write_autoscaler_config(state, topology, pools)
     Startup(state, timeout=timeout, say=say).run(specs)
+
+
+def _write_autoscaler_config(state: ClusterState, topology: Topology,
+                             pools: list[elastic.ElasticPool]) -> None:
+    """The head's autoscaling config, for the GCS address this start uses."""
+    if not pools:
+        return
+    config = elastic.autoscaling_config(topology, pools, name=state.name,
+                                        gcs_address=state.address,
+                                        state_dir=str(state.state_dir),
+                                        temp_dir=state.temp_dir, home=state.home)
+    elastic.write_config(config, state.state_dir)
+
+
+def _wait_for_min_nodes(state: ClusterState, pools: list[elastic.ElasticPool], *,
+                        timeout: float, say: Progress) -> None:
+    """Until Ray's autoscaler has launched ``min`` nodes of every elastic pool and they
+    registered; say which pools are elastic, and how far they may grow."""
+    for p in pools:
+        say(f"  {p.site:<14} {p.pool:<14} elastic {p.min_nodes}..{p.max_nodes} nodes "
+            f"(Ray's autoscaler; idle timeout {p.idle_timeout_s:g}s)")
+    want = {p.node_type: p.min_nodes for p in pools if p.min_nodes}
+    if want:
+        elastic.wait_for_nodes(state, want, timeout=timeout * max(want.values()),
+                               what="the elastic pools' min nodes")
+        say(f"  Ray's autoscaler started the elastic pools' min nodes ({sum(want.values())})")
 
 
 def down(name: str, *, home: str | os.PathLike | None = None,
@@ -244,9 +287,11 @@ def down(name: str, *, home: str | os.PathLike | None = None,
                 f"cluster {name!r} was attached, not started by hybridray: it owns none of its "
                 f"processes, so down stops nothing. To forget it: hybridray detach {name}; to "
                 "stop it, stop its nodes the way they were started (ray stop, systemctl, ...)")
+        autoscaled = elastic.stop_all(state.state_dir,
+                                      audit=AuditLog.for_cluster(state.name, state.home))
         stopped = _stop_nodes(state.nodes, timeout, temp_dir=state.temp_dir)
         _remove_runtime(state)
-        return stopped
+        return [n.raylet_pid for n in autoscaled if n.raylet_pid] + stopped
 
 
 # ---- starting -----------------------------------------------------------------------------
@@ -318,9 +363,12 @@ def _clear_stale(name: str, home: Path) -> None:
         raise ClusterError(f"{name!r} is an attached cluster (GCS {old.address}); pick another "
                            f"name (override name=OTHER), or hybridray detach {name} first")
     alive = old.alive_nodes()
-    if alive:
+    autoscaled = [n for n in elastic.load_nodes(old.state_dir) if n.alive()]
+    if alive or autoscaled:
+        more = f" and {len(autoscaled)} autoscaled node(s)" if autoscaled else ""
         raise ClusterError(f"cluster {name!r} is already up ({len(alive)} of "
-                           f"{len(old.nodes)} node processes running, GCS at {old.address}); "
+                           f"{len(old.nodes)} node processes{more} running, GCS at "
+                           f"{old.address}); "
                            f"run hybridray down {name} first, or pick another name "
                            f"(override name=OTHER)")
     _remove_runtime(old)

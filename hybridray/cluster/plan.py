@@ -39,10 +39,13 @@ class NodeSpec:
 
 
 def plan_nodes(topology: Topology, *, simulate: bool = False) -> list[NodeSpec]:
-    """The head first, then ``min_nodes`` nodes of every pool of every site.
+    """The head first, then the ``count`` nodes of every static pool of every site.
 
-    With ``simulate`` every site runs as local processes whatever its provider, one node per
-    pool (so a site whose pools start at ``min: 0`` still shows up), at most
+    Elastic pools (``min``/``max``) are not here: Ray's autoscaler starts and stops their
+    nodes, ``min`` of them from the start (``hybridray.cluster.elastic``).
+
+    With ``simulate`` every site runs as local processes whatever its provider, one static
+    node per pool (so a site whose pools start at ``min: 0`` still shows up), at most
     ``SIMULATE_MAX_CPUS`` CPUs and a ``SIMULATE_OBJECT_STORE_MB`` object store per node, so a
     large topology fits a laptop. Labels, custom resources and GPUs stay as declared.
 
@@ -100,7 +103,7 @@ def pool_spec(topology: Topology, site_name: str, pool: NodePool, index: int, *,
 def _node_count(pool: NodePool, simulate: bool) -> int:
     if simulate:
         return 1 if pool.max_nodes > 0 else 0
-    return pool.min_nodes
+    return 0 if pool.elastic else pool.min_nodes
 
 
 def _whole_cpus(cpus: float, where: str, simulate: bool) -> int:
@@ -129,12 +132,14 @@ def node_args(spec: NodeSpec) -> list[str]:
 
 
 def ray_start_args(spec: NodeSpec, *, temp_dir: str, gcs_address: str | None,
-                   ports: dict[str, int], agent_port: int, dashboard: bool = True) -> list[str]:
+                   ports: dict[str, int], agent_port: int, dashboard: bool = True,
+                   autoscaling_config: str | None = None) -> list[str]:
     """``ray start`` arguments (after ``ray start``) for one node.
 
     ``ports`` holds the cluster-wide ports (``gcs``, ``dashboard``, ``client_server``) and
     ``agent_port`` this node's dashboard agent port: Ray's defaults (6379, 8265, 10001,
-    52365) would collide between two clusters, or two nodes, on one machine.
+    52365) would collide between two clusters, or two nodes, on one machine. The head of a
+    cluster with elastic pools gets ``autoscaling_config``, which its autoscaler reads.
     """
     args = ["--block", "--disable-usage-stats", "--temp-dir", temp_dir, *node_args(spec),
             "--dashboard-agent-listen-port", str(agent_port)]
@@ -143,6 +148,8 @@ def ray_start_args(spec: NodeSpec, *, temp_dir: str, gcs_address: str | None,
                  "--ray-client-server-port", str(ports["client_server"]),
                  "--include-dashboard", "true" if dashboard else "false",
                  "--dashboard-host", "127.0.0.1", "--dashboard-port", str(ports["dashboard"])]
+        if autoscaling_config:
+            args += ["--autoscaling-config", autoscaling_config]
     else:
         if gcs_address is None:
             raise ValueError("a worker node needs the head's GCS address")

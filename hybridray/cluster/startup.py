@@ -111,7 +111,9 @@ class Startup:
         self.used_ports.add(agent_port)
         args = ray_start_args(spec, temp_dir=temp_dir, gcs_address=state.address,
                               ports=state.ports, agent_port=agent_port,
-                              dashboard=state.dashboard)
+                              dashboard=state.dashboard,
+                              autoscaling_config=state.autoscaler.get("config")
+                              if spec.role == "head" else None)
         log = state.state_dir / "logs" / f"{spec.key}.log"
         with open(log, "ab") as out:
             if self.attempts[spec.key] > 1:
@@ -248,6 +250,10 @@ def _child_env(state: ClusterState, role: str) -> dict[str, str]:
         env["DASHBOARD_METRIC_PORT"] = str(state.ports["dashboard_metrics"])
         env["AUTOSCALER_METRIC_PORT"] = str(state.ports["autoscaler_metrics"])
         env.update(haproxy_env(state))
+        if state.autoscaler:  # elastic pools: Ray's autoscaler v2 with the local provider
+            from hybridray.cluster.elastic import head_env
+
+            env.update(head_env(state.autoscaler["interval_s"]))
     return env
 
 

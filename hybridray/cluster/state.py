@@ -141,6 +141,9 @@ class ClusterState:
     services: dict[str, dict[str, Any]] = field(default_factory=dict)  # e.g. the S3 server
     tls: dict[str, str] = field(default_factory=dict)  # RAY_USE_TLS + paths, when TLS is on
     netns: dict[str, Any] = field(default_factory=dict)  # namespace hosts (netns.NetRecord)
+    # elastic pools: {"config": autoscaler.yaml, "interval_s": N, "node_types": [...]}; the
+    # nodes Ray's autoscaler launched are recorded apart (elastic.py), never in `nodes`
+    autoscaler: dict[str, Any] = field(default_factory=dict)
     version: int = STATE_VERSION
     origin: str = ORIGIN_UP
     dashboard_address: str | None = None   # attach: the URL given (up derives it from ports)

@@ -81,8 +81,9 @@ class Cluster:
         return find_drift(self.topology, effective_members(self.state, nodes), nodes)
 
     def capacity(self, live: bool = True) -> Capacity:
-        """Live capacity from Ray when connected (``live``), else the topology at full size;
-        either way less the drift nodes, which the placement then avoids."""
+        """Live capacity from Ray when connected (``live``: what runs, plus the nodes Ray's
+        autoscaler may still add to elastic pools), else the topology at full size; either
+        way less the drift nodes, which the placement then avoids."""
         import ray
 
         if not ray.is_initialized():
@@ -90,7 +91,7 @@ class Cluster:
         nodes = ray.nodes()
         avoid = {d.node_id: d.why for d in self.drift(nodes)}
         if live:
-            return Capacity.from_ray(avoid=avoid, nodes=nodes)
+            return Capacity.from_ray(self.topology, avoid=avoid, nodes=nodes)
         return Capacity.from_topology(self.topology, avoid=avoid)
 
     def place(self, workload: Workload, *, live: bool = True) -> Placement:

@@ -30,6 +30,7 @@ class NodeCapacity:
     accelerator: str | None = None
     spot: bool = False
     n: int = 1
+    addable: bool = False   # not running: nodes Ray's autoscaler may still add (elastic pool)
 
 
 class Capacity:
@@ -66,10 +67,16 @@ class Capacity:
         return cls(nodes, live=False, avoid=avoid)
 
     @classmethod
-    def from_ray(cls, *, avoid: dict[str, str] | None = None,
+    def from_ray(cls, topology: Topology | None = None, *,
+                 avoid: dict[str, str] | None = None,
                  nodes: list[dict] | None = None) -> Capacity:
         """What the connected Ray cluster has now: alive nodes, their free CPUs and GPUs
-        (``nodes``: ``ray.nodes()`` already read), less the ``avoid`` nodes."""
+        (``nodes``: ``ray.nodes()`` already read), less the ``avoid`` nodes.
+
+        With ``topology``, an elastic pool (``min``/``max``) also counts the nodes Ray's
+        autoscaler may still add (``max`` less those alive) toward its site's full size,
+        none of them free yet: a cloud pool scaled to zero stays a place work can burst to.
+        """
         import ray
         from ray._private import state as ray_state
 
@@ -88,6 +95,8 @@ class Capacity:
                 site, labels.get(L.POOL, ""), total.get("CPU", 0.0), avail.get("CPU", 0.0),
                 total.get("GPU", 0.0), avail.get("GPU", 0.0), labels.get(L.ACCELERATOR),
                 labels.get(L.MARKET_TYPE) == "spot"))
+        if topology is not None:
+            out += elastic_headroom(topology, out)
         return cls(out, live=True, avoid=avoid, usage_loader=_load_usage)
 
     @property
@@ -120,6 +129,20 @@ class Capacity:
                 continue
             units += _fit(max(0.0, node.cpus - node.lasting_cpus),
                           max(0.0, node.gpus - node.lasting_gpus), cpus, gpus)
+        return units
+
+    def units_addable(self, site: str, cpus: float, gpus: float, accelerator: str | None,
+                      spot_ok: bool) -> int:
+        """Units of one shape the nodes Ray's autoscaler may still add at ``site`` would hold."""
+        key = ("addable", site, cpus, gpus, accelerator, spot_ok)
+        hit = self._memo.get(key)
+        if hit is not None:
+            return hit[0]
+        units = sum(node.n * _fit(node.cpus_total, node.gpus_total, cpus, gpus)
+                    for node in self.by_site.get(site, ()) if node.addable
+                    and not (accelerator and node.accelerator != accelerator)
+                    and not (node.spot and not spot_ok))
+        self._memo[key] = (units, units)
         return units
 
     def sites(self) -> list[str]:
@@ -155,3 +178,17 @@ def _fit(have_cpus: float, have_gpus: float, cpus: float, gpus: float) -> int:
     if gpus > 0:
         limits.append(math.floor(have_gpus / gpus + 1e-9))
     return min(limits) if limits else _UNLIMITED
+
+
+def elastic_headroom(topology: Topology, alive: list[NodeCapacity]) -> list[NodeCapacity]:
+    """The nodes each elastic pool may still add: full size, nothing free until launched."""
+    out = []
+    for name, site in topology.sites.items():
+        for p in site.pools:
+            if not p.elastic:
+                continue
+            up = sum(n.n for n in alive if n.site == name and n.pool == p.name)
+            if p.max_nodes > up:
+                out.append(NodeCapacity(name, p.name, p.cpus, 0.0, p.gpus, 0.0, p.accelerator,
+                                        p.spot, p.max_nodes - up, addable=True))
+    return out

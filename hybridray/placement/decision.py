@@ -32,10 +32,13 @@ class Candidate(NamedTuple):
     # The site's pools that fit one unit, when that is fewer than all its pools: compiled
     # into a ``hybridray.io/pool`` selector so Ray cannot start the work on another pool.
     pools: tuple[str, ...] = ()
+    units_addable: int = 0   # units on nodes Ray's autoscaler may still add (elastic pools)
 
     @property
     def reason(self) -> str:
         free = "" if self.units_free is None else f", {self.units_free} units free"
+        if self.units_addable:
+            free += f", {self.units_addable} more on nodes Ray may add"
         return (f"{self.why}: may hold up to {self.max_data_class}; pool {self.pool} "
                 f"${self.price_unit_hour:.3f}/unit-h, est ${self.est_cost:.2f}{free}")
 
@@ -85,17 +88,23 @@ class Placement:
         """Spread ``count`` units (default: the workload's) over candidates in order.
 
         Fills each site's free units (or full-size units when nothing live is known) before
-        moving to the next; units beyond all capacity go to the primary, where Ray queues them.
+        moving to the next; then the units of nodes Ray's autoscaler may still add to elastic
+        pools, in the same order; units beyond all capacity go to the primary, where Ray
+        queues them.
         """
         self.raise_if_refused()
         count = self.workload.count if count is None else count
         out: list[str] = []
-        for c in self.candidates:
-            room = c.units_free if c.units_free is not None else c.units_max
-            take = min(room, count - len(out))
-            out.extend([c.site] * max(take, 0))
-            if len(out) >= count:
-                break
+        for pass_ in ("free", "addable"):
+            for c in self.candidates:
+                if pass_ == "free":
+                    room = c.units_free if c.units_free is not None else c.units_max
+                else:
+                    room = c.units_addable if c.units_free is not None else 0
+                take = min(room, count - len(out))
+                out.extend([c.site] * max(take, 0))
+                if len(out) >= count:
+                    return out
         out.extend([self.candidates[0].site] * (count - len(out)))
         return out
 

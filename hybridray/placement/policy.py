@@ -86,7 +86,8 @@ def decide(topology: Topology, workload: Workload, capacity: Capacity | None = N
     live = cap.live
     candidates = tuple(
         Candidate(rows[i][0], rows[i][1], words(wl, rows[i], pos), rows[i][5], rows[i][2],
-                  costs[i], rows[i][3], rows[i][4] if live else None, rows[i][7])
+                  costs[i], rows[i][3], rows[i][4] if live else None, rows[i][7],
+                  rows[i][8] if live else 0)
         for pos, i in enumerate(order))
     return Placement(wl, candidates=candidates, excluded=excluded, policy=POLICY_NAME,
                      avoid_nodes=tuple(sorted(cap.avoid)))
@@ -107,8 +108,8 @@ def _eligible(topology: Topology, cap: Capacity, wl: Workload):
 
     Returns (rows, excluded, total units): rows are (site, pool, price per unit-hour, units
     at full size, units free now, the site's max data class, whether the site is a cloud, the
-    fitting pools when fewer than all the site's pools fit), in
-    topology order; excluded maps site -> why it is not a candidate.
+    fitting pools when fewer than all the site's pools fit, units on nodes Ray's autoscaler
+    may still add), in topology order; excluded maps site -> why it is not a candidate.
     """
     key = ("eligible", wl.data_class, wl.cpus, wl.gpus, wl.accelerator, wl.spot_ok)
     hit = cap.memo.get(key)
@@ -137,8 +138,11 @@ def _eligible(topology: Topology, cap: Capacity, wl: Workload):
         price = pool.price_per_node_hour * _share(wl, pool.cpus, pool.gpus)
         usable = [p for p in site.pools if p.max_nodes > 0]
         narrower = tuple(p.name for p in pools) if len(pools) < len(usable) else ()
+        addable = cap.units_addable(name, wl.cpus, wl.gpus, wl.accelerator, wl.spot_ok) \
+            if cap.live else 0
         rows.append((name, pool.name, price, units_max, units_free,
-                     site.max_data_class.value, site.kind is SiteKind.cloud, narrower))
+                     site.max_data_class.value, site.kind is SiteKind.cloud, narrower,
+                     addable))
     result = (rows, excluded, sum(r[3] for r in rows))
     cap.memo[key] = result
     return result

@@ -40,6 +40,15 @@ EXPORTER_METRICS: dict[str, tuple[str, str]] = {
     "hybridray_placement_decisions_total": ("counter", "Placement decisions by first site, "
                                                        "workload kind and outcome."),
     "hybridray_trainings_running": ("gauge", "Training runs started and not yet ended."),
+    "hybridray_pool_nodes_running": ("gauge", "Running nodes per pool, static or elastic "
+                                              "(elastic: launched by Ray's autoscaler)."),
+    "hybridray_pool_max_nodes": ("gauge", "The most nodes a pool may have (its count, or max "
+                                          "for an elastic pool)."),
+    "hybridray_node_seconds_total": ("counter", "Node-seconds actually up since up, per site "
+                                                "(what compute cost accrues on)."),
+    "hybridray_autoscaler_pending_launches": ("gauge", "Nodes Ray's autoscaler has asked the "
+                                                       "provider for and not yet running, "
+                                                       "per node type."),
 }
 
 
@@ -103,12 +112,29 @@ def collect(name: str, *, home: str | os.PathLike | None = None,
                 ("hybridray_site_cpus", lab, s["cpus_total"]),
                 ("hybridray_site_cpus_used", lab, s["cpus_used"]),
                 ("hybridray_cost_rate_dollars_per_hour", lab, s["price_per_hour"])]
+    for site, s in report["sites"].items():
+        for pool, p in s.get("pools", {}).items():
+            lab = {**c, "site": site, "pool": pool, "elastic": str(p["elastic"]).lower()}
+            out += [("hybridray_pool_nodes_running", lab, p["running"]),
+                    ("hybridray_pool_max_nodes", lab, p["max"])]
     for site, v in act["cost"].items():
+        out.append(("hybridray_node_seconds_total", {**c, "site": site},
+                    v.get("node_seconds", 0.0)))
         for kind in ("compute", "egress"):
             out.append(("hybridray_accrued_cost_dollars", {**c, "site": site, "kind": kind},
                         v[kind]))
     if budget is not None:
         out.append(("hybridray_budget_dollars", c, budget))
+    scaler = report.get("autoscaler")
+    if scaler is not None:
+        pending: dict[str, int] = {}
+        for r in scaler["pending_launches"]:
+            pending[r["node_type"]] = pending.get(r["node_type"], 0) + r["count"]
+        for i in scaler["pending_instances"]:
+            pending[i["node_type"]] = pending.get(i["node_type"], 0) + 1
+        for node_type in report.get("node_types", []):
+            out.append(("hybridray_autoscaler_pending_launches",
+                        {**c, "node_type": node_type}, pending.get(node_type, 0)))
     for b in act["bytes"]:
         lab = {**c, "src": b["src"], "dst": b["dst"]}
         out += [("hybridray_cross_site_bytes_total", lab, b["bytes"]),

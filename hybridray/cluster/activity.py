@@ -16,6 +16,7 @@ from collections import Counter
 from typing import Any
 
 from hybridray.audit import AuditLog
+from hybridray.cluster import elastic
 from hybridray.cluster.state import ClusterState, load_state
 
 
@@ -39,6 +40,58 @@ def _created(state: ClusterState) -> float:
         return 0.0
 
 
+def _zero() -> dict[str, float]:
+    return {"compute": 0.0, "egress": 0.0, "rate_per_hour": 0.0, "node_seconds": 0.0}
+
+
+def compute_cost(state: ClusterState, records: list[dict[str, Any]] | None = None, *,
+                 now: float | None = None, report: dict[str, Any] | None = None
+                 ) -> dict[str, dict[str, float]]:
+    """Compute cost per site, per node-second actually up.
+
+    A static node is paid from its process start to now while it runs; a node Ray's
+    autoscaler launched from its ``node-launch`` to its ``node-stop`` audit record (or now,
+    while it runs); a member of an attached cluster (no processes of ours) from the later of
+    its registration with the GCS and the attach, while ``status`` (``report``) says it runs.
+    Keys per site: ``compute`` ($), ``node_seconds``, ``rate_per_hour`` (the nodes running
+    now), ``egress`` (0 here; ``activity`` adds the audit log's).
+    """
+    now = time.time() if now is None else now
+    since = _created(state) - 1
+    if records is None:
+        records = [r for r in AuditLog.for_cluster(state.name, state.home)
+                   if r.get("ts", 0) >= since]
+    cost = {site: _zero() for site in (state.topology_snapshot.get("sites") or {})}
+    if state.attached:
+        if report is None:
+            from hybridray.cluster.status import status
+
+            report = status(state.name, home=state.home)
+        for n in report["nodes"]:
+            c = cost.setdefault(n["site"], _zero())
+            if n["running"]:
+                seconds = max(0.0, now - max(n["started_at"] or since + 1, since + 1))
+                c["node_seconds"] += seconds
+                c["compute"] += seconds / 3600 * n["price_per_hour"]
+                c["rate_per_hour"] += n["price_per_hour"]
+        return cost
+    for node in state.nodes:
+        c = cost.setdefault(node.site, _zero())
+        if node.leader_alive():
+            seconds = max(0.0, now - node_started_at(node.start_time))
+            c["node_seconds"] += seconds
+            c["compute"] += seconds / 3600 * node.price_per_hour
+            c["rate_per_hour"] += node.price_per_hour
+    alive = {n.key for n in elastic.load_nodes(state.state_dir) if n.raylet_alive()}
+    for span in elastic.spans(records, now=now, since=_created(state) - 1, alive=alive):
+        c = cost.setdefault(span.site, _zero())
+        c["node_seconds"] += span.seconds
+        c["compute"] += span.cost
+        if span.running:
+            c["rate_per_hour"] += span.price_per_hour
+    return cost
+
+
 def activity(name: str, *, home: str | os.PathLike | None = None,
              now: float | None = None, state: ClusterState | None = None,
              report: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -48,9 +101,11 @@ def activity(name: str, *, home: str | os.PathLike | None = None,
     (name → sites of its replicas, from the latest serve placements), ``syncs`` (the last
     few, with outcome), ``bytes`` ((src, dst) → bytes and egress $), ``decisions``
     ((site, kind, outcome) → count), ``cost`` (site → accrued compute and egress $,
-    ``rate_per_hour``). An attached cluster's compute cost comes from its running members as
-    ``status`` reports them (``report``, read here when not given): each member's pool price
-    since the later of its registration with the GCS and the attach.
+    ``node_seconds`` actually up, ``rate_per_hour``; see ``compute_cost``), ``nodes`` (the
+    autoscaled nodes' launches and stops: key, site, pool, start, end, running, reason). An
+    attached cluster's compute cost comes from its running members as ``status`` reports them
+    (``report``, read here when not given): each member's pool price since the later of its
+    registration with the GCS and the attach.
 
     Raises:
         ClusterNotFound: nothing is recorded under ``name``.
@@ -85,31 +140,10 @@ def activity(name: str, *, home: str | os.PathLike | None = None,
             decisions[(site, r.get("kind", "task"), outcome)] += 1
             if ev == "placement" and r.get("source") == "serve" and r.get("service"):
                 services.setdefault(r["service"], set()).update(r.get("sites", [])[:1])
-    cost: dict[str, dict[str, float]] = {}
-    rate = 0.0
-    running: list[tuple[str, float, float]] = []     # (site, started at, price per hour)
-    if state.attached:
-        if report is None:
-            from hybridray.cluster.status import status
-
-            report = status(name, home=home)
-        running = [(n["site"], max(n["started_at"] or since + 1, since + 1),
-                    n["price_per_hour"]) for n in report["nodes"] if n["running"]]
-        for n in report["nodes"]:
-            cost.setdefault(n["site"], {"compute": 0.0, "egress": 0.0, "rate_per_hour": 0.0})
-    else:
-        for node in state.nodes:
-            cost.setdefault(node.site, {"compute": 0.0, "egress": 0.0, "rate_per_hour": 0.0})
-            if node.leader_alive():
-                running.append((node.site, node_started_at(node.start_time),
-                                node.price_per_hour))
-    for site, started_at, price in running:
-        c = cost[site]
-        c["compute"] += max(0.0, now - started_at) / 3600 * price
-        c["rate_per_hour"] += price
-        rate += price
+    cost = compute_cost(state, records, now=now, report=report)
+    rate = sum(c["rate_per_hour"] for c in cost.values())
     for (src, _dst), (_, dollars) in links.items():
-        cost.setdefault(src, {"compute": 0.0, "egress": 0.0, "rate_per_hour": 0.0})
+        cost.setdefault(src, _zero())
         cost[src]["egress"] += dollars
     return {
         "since": since + 1,
@@ -121,5 +155,10 @@ def activity(name: str, *, home: str | os.PathLike | None = None,
         "decisions": [{"site": k[0], "kind": k[1], "outcome": k[2], "count": v}
                       for k, v in sorted(decisions.items())],
         "cost": {k: {kk: round(vv, 6) for kk, vv in v.items()} for k, v in cost.items()},
+        "nodes": [{"key": s.key, "site": s.site, "pool": s.pool, "start": s.start,
+                   "end": s.end, "running": s.running, "reason": s.reason,
+                   "cost": round(s.cost, 6)}
+                  for s in elastic.spans(records, now=now, since=since, alive={
+                      n.key for n in elastic.load_nodes(state.state_dir) if n.raylet_alive()})],
         "rate_per_hour": round(rate, 6),
     }

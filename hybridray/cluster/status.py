@@ -10,12 +10,14 @@ reported as drift (``membership.py``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
 from hybridray import labels as L
 from hybridray.audit import AuditLog
-from hybridray.cluster import mirror
+from hybridray.cluster import elastic, mirror
+from hybridray.cluster.activity import compute_cost
 from hybridray.cluster.gcs import GcsNode, GcsView, reachable
 from hybridray.cluster.membership import effective_members, find_drift, record_rejoined
 from hybridray.cluster.state import ClusterState, list_clusters, load_state
@@ -47,11 +49,15 @@ def status(name: str, *, home: str | os.PathLike | None = None) -> dict[str, Any
 
     Keys: ``name``, ``origin`` (``up`` or ``attach``), ``state`` (``up``, ``degraded`` or
     ``down``), ``address``, ``dashboard_url``, ``simulate``, ``created_at``, ``source_file``,
-    ``gcs`` (reachable or the error), ``nodes`` (one dict per recorded node; for an attached
-    cluster, per member, from the GCS), ``sites`` (per site: nodes, alive, CPU/GPU used and
-    total, price per hour of running nodes), ``drift`` (live nodes that are not members or
-    whose labels claim more than their site may hold: never placed on), ``unrecorded_nodes``
-    (how many of them are not members) and ``price_per_hour`` (the sum).
+    ``gcs`` (reachable or the error), ``nodes`` (one dict per recorded node, the nodes Ray's
+    autoscaler launched with ``elastic: true``; for an attached cluster, per member, from the
+    GCS), ``sites`` (per site: nodes, alive, CPU/GPU used and total, price per hour of running
+    nodes, ``pools``: static or elastic, min/max, running), ``drift`` (live nodes that are not
+    members or whose labels claim more than their site may hold: never placed on),
+    ``unrecorded_nodes`` (how many of them are not members), ``price_per_hour`` (the sum),
+    ``cost`` (per site: compute $ and node-seconds actually up since ``up``) and
+    ``autoscaler`` (what Ray's autoscaler last reported: pending launches, infeasible
+    requests; None without elastic pools).
 
     Raises:
         ClusterNotFound: nothing is recorded under ``name``.
@@ -60,6 +66,7 @@ def status(name: str, *, home: str | os.PathLike | None = None) -> dict[str, Any
     topology = _topology(state)
     gcs: dict[str, Any] = {"reachable": False, "error": None}
     seen: list[GcsNode] = []
+    autoscaler: dict[str, Any] | None = None
     head_alive = state.attached or state.head.leader_alive()
     if not head_alive:
         gcs["error"] = "the head process is not running"
@@ -70,6 +77,9 @@ def status(name: str, *, home: str | os.PathLike | None = None) -> dict[str, Any
             with GcsView(state.address, state.token_path, state.tls) as view:
                 seen = view.nodes(timeout=5)
                 gcs["reachable"] = True
+                if state.autoscaler:
+                    with contextlib.suppress(Exception):  # its first round may be pending
+                        autoscaler = view.autoscaling(timeout=5)
                 try:  # records queued inside the cluster (guard refusals) -> the audit log
                     gcs["drained_events"] = mirror.drain_events(
                         view, AuditLog.for_cluster(state.name, state.home), state.name)
@@ -94,6 +104,7 @@ def status(name: str, *, home: str | os.PathLike | None = None) -> dict[str, Any
             "gpus_total": sum(n["gpus_total"] for n in up),
             "gpus_used": sum(n["gpus_used"] or 0.0 for n in up),
             "price_per_hour": round(sum(n["price_per_hour"] for n in up), 6),
+            "pools": _pools(site, site_name, mine),
         }
     if state.attached:
         overall = "down" if not gcs["reachable"] else (
@@ -102,8 +113,8 @@ def status(name: str, *, home: str | os.PathLike | None = None) -> dict[str, Any
         head = next(n for n in nodes if n["role"] == "head")
         if not head["running"]:
             overall = "down"
-        elif all(n["running"] for n in nodes):
-            overall = "up"
+        elif all(n["running"] for n in nodes if not n["elastic"]):
+            overall = "up"   # an autoscaled node starting or stopping is Ray's business
         else:
             overall = "degraded"
     drift = []
@@ -111,6 +122,7 @@ def status(name: str, *, home: str | os.PathLike | None = None) -> dict[str, Any
         record_rejoined(state, seen)          # an up node whose Ray restarted in its process
         drift = [d.to_json() for d in find_drift(topology, effective_members(state, seen),
                                                  seen)]
+    accrued = compute_cost(state, report={"nodes": nodes})
     return {
         "name": state.name, "origin": state.origin, "state": overall,
         "address": state.address, "dashboard_url": state.dashboard_url,
@@ -122,6 +134,10 @@ def status(name: str, *, home: str | os.PathLike | None = None) -> dict[str, Any
         "hosts": "netns" if state.netns else "local",
         "partitioned": list(state.netns.get("partitioned", [])) if state.netns else [],
         "price_per_hour": round(sum(s["price_per_hour"] for s in sites.values()), 6),
+        "cost": {k: {"compute": round(v["compute"], 6),
+                     "node_seconds": round(v["node_seconds"], 3)} for k, v in accrued.items()},
+        "autoscaler": autoscaler,
+        "node_types": list(state.autoscaler.get("node_types", [])),
     }
 
 
@@ -133,18 +149,23 @@ def _process_nodes(state: ClusterState, seen: list[GcsNode], reachable_: bool
         if node.key and (node.key not in by_key or node.alive):
             by_key[node.key] = node
     nodes = []
-    for rec in state.nodes:
-        process_alive = rec.leader_alive()
+    rows = [(rec, rec.leader_alive(), False) for rec in state.nodes]
+    rows += [(rec, rec.raylet_alive(), True) for rec in elastic.load_nodes(state.state_dir)]
+    for rec, process_alive, is_elastic in rows:
         info = by_key.get(rec.key)
         gcs_alive = (info is not None and info.alive) if reachable_ else None
         running = process_alive and gcs_alive is not False
         row = _resources(info, float(rec.cpus), float(rec.gpus))
         nodes.append({
-            "key": rec.key, "site": rec.site, "pool": rec.pool, "role": rec.role,
-            "index": rec.index, "pid": rec.pid, "node_id": info.node_id if info else rec.node_id,
+            "key": rec.key, "site": rec.site, "pool": rec.pool,
+            "role": "worker" if is_elastic else rec.role, "elastic": is_elastic,
+            "index": rec.seq if is_elastic else rec.index,
+            "pid": rec.raylet_pid if is_elastic else rec.pid,
+            "node_id": info.node_id if info else rec.node_id,
             "process_alive": process_alive, "gcs_alive": gcs_alive, "running": running,
             **row, "price_per_hour": rec.price_per_hour if running else 0.0,
-            "started_at": None, "log": rec.log,
+            "started_at": None,
+            "log": f"{rec.temp_dir}/session_latest/logs" if is_elastic else rec.log,
         })
     return nodes
 
@@ -163,7 +184,7 @@ def _attached_nodes(state: ClusterState, topology: Topology | None, seen: list[G
         role = labels.get(L.ROLE, "worker" if m.pool else "head")
         nodes.append({
             "key": m.key or f"{m.site}.{m.pool or role}.{m.node_id[:8]}", "site": m.site,
-            "pool": m.pool, "role": role,
+            "pool": m.pool, "role": role, "elastic": False,
             "index": i, "pid": None, "node_id": m.node_id, "process_alive": None,
             "gcs_alive": gcs_alive, "running": running,
             **_resources(info, 0.0, 0.0), "price_per_hour": price,
@@ -192,6 +213,21 @@ def _pool_price(topology: Topology | None, site: str, pool: str | None) -> float
                 0.0)
 
 
+def _pools(site: Any, site_name: str, nodes: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per pool: static or elastic (min, max, idle timeout) and how many nodes run."""
+    if site is None:
+        return {}
+    out = {}
+    for pool in site.pools:
+        running = sum(1 for n in nodes if n["pool"] == pool.name and n["running"])
+        row: dict[str, Any] = {"elastic": pool.elastic, "running": running,
+                               "min": pool.min_nodes, "max": pool.max_nodes}
+        if pool.elastic:
+            row["idle_timeout_s"] = pool.idle_timeout
+        out[pool.name] = row
+    return out
+
+
 def cluster_summaries(home: str | os.PathLike | None = None) -> list[dict[str, Any]]:
     """One line per recorded cluster from its processes alone (no GCS round trip)."""
     out = []
@@ -212,17 +248,19 @@ def cluster_summaries(home: str | os.PathLike | None = None) -> list[dict[str, A
                 "origin": state.origin})
             continue
         alive = [n for n in state.nodes if n.leader_alive()]
+        autoscaled = [n for n in elastic.load_nodes(state.state_dir) if n.raylet_alive()]
         head_up = state.head.leader_alive() if state.nodes else False
         out.append({
             "origin": state.origin,
             "name": name,
             "state": ("up" if len(alive) == len(state.nodes) else "degraded") if head_up
             else "down",
-            "nodes_alive": len(alive), "nodes": len(state.nodes),
+            "nodes_alive": len(alive) + len(autoscaled),
+            "nodes": len(state.nodes) + len(autoscaled),
             "sites": sorted({n.site for n in state.nodes}),
             "address": state.address, "dashboard_url": state.dashboard_url,
             "simulate": state.simulate, "created_at": state.created_at,
-            "price_per_hour": round(sum(n.price_per_hour for n in alive), 6),
+            "price_per_hour": round(sum(n.price_per_hour for n in [*alive, *autoscaled]), 6),
         })
     return out
 

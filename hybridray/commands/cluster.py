@@ -291,6 +291,12 @@ def _print_clusters(rows: list[dict[str, Any]]) -> None:
     console.print(table)
 
 
+def _pools_cell(pools: dict[str, Any]) -> str:
+    """``cpu 1`` for a static pool, ``cpu 1 (0..2)`` for an elastic one."""
+    return ", ".join(f"{name} {p['running']}" + (f" ({p['min']}..{p['max']})" if p["elastic"]
+                                                 else "") for name, p in pools.items())
+
+
 def _state(state: str) -> str:
     color = {"up": "green", "degraded": "yellow"}.get(state, "red")
     return f"[{color}]{state}[/]"
@@ -316,14 +322,21 @@ def _print_status(report: dict[str, Any]) -> None:
                       + ("nothing below is live[/]" if report.get("origin") == "attach" else
                          "liveness below is from the processes only[/]"))
     sites = Table(title="sites")
-    for col in ("site", "kind", "nodes alive", "CPU used/total", "GPU used/total", "$/hour"):
-        sites.add_column(col, justify="left" if col in ("site", "kind") else "right")
+    for col in ("site", "kind", "pools", "nodes alive", "CPU used/total", "GPU used/total",
+                "$/hour", "spent $", "node-hours"):
+        sites.add_column(col, justify="left" if col in ("site", "kind", "pools") else "right")
+    cost = report.get("cost", {})
     for name, s in report["sites"].items():
-        sites.add_row(name, s["kind"] or "?", f"{s['alive']}/{s['nodes']}",
+        c = cost.get(name, {"compute": 0.0, "node_seconds": 0.0})
+        sites.add_row(name, s["kind"] or "?", _pools_cell(s.get("pools", {})),
+                      f"{s['alive']}/{s['nodes']}",
                       f"{_num(s['cpus_used'])}/{_num(s['cpus_total'])}",
                       f"{_num(s['gpus_used'])}/{_num(s['gpus_total'])}",
-                      f"{s['price_per_hour']:.2f}")
-    sites.add_row("[bold]total[/]", "", "", "", "", f"[bold]{report['price_per_hour']:.2f}[/]")
+                      f"{s['price_per_hour']:.2f}", f"{c['compute']:.4f}",
+                      f"{c['node_seconds'] / 3600:.3f}")
+    spent = sum(c["compute"] for c in cost.values())
+    sites.add_row("[bold]total[/]", "", "", "", "", "", f"[bold]{report['price_per_hour']:.2f}[/]",
+                  f"[bold]{spent:.4f}[/]", "")
     console.print(sites)
     nodes = Table(title="nodes")
     for col in ("node", "site", "pool", "pid", "process", "GCS", "CPU used/total", "node id"):
@@ -332,11 +345,20 @@ def _print_status(report: dict[str, Any]) -> None:
         gcs = {None: "?", True: "[green]alive[/]", False: "[red]dead[/]"}[n["gcs_alive"]]
         process = {None: "-", True: "[green]alive[/]", False: "[red]dead[/]"}[
             n["process_alive"]]
-        nodes.add_row(n["key"], n["site"], n["pool"] or "(head)",
+        pool = (n["pool"] or "(head)") + (" (autoscaled)" if n.get("elastic") else "")
+        nodes.add_row(n["key"], n["site"], pool,
                       "-" if n["pid"] is None else str(n["pid"]), process, gcs,
                       f"{_num(n['cpus_used'])}/{_num(n['cpus_total'])}",
                       (n["node_id"] or "-")[:12])
     console.print(nodes)
+    scaler = report.get("autoscaler")
+    if scaler:
+        launching = [f"{r['count']} {r['node_type']}" for r in scaler["pending_launches"]]
+        launching += [f"1 {i['node_type']} (starting)" for i in scaler["pending_instances"]]
+        console.print("Ray's autoscaler: " + (f"launching {', '.join(launching)}" if launching
+                                               else "no launch pending")
+                      + (f"; {len(scaler['infeasible'])} request shape(s) no node type can "
+                         "serve" if scaler["infeasible"] else ""))
     for d in report.get("drift", []):
         console.print(f"[red]DRIFT[/] node {d['node_id'][:12]} (site {d['site'] or '?'}): "
                       f"{'; '.join(d['reasons'])}; never placed on")

@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "cluster",   # up, down, status, env
     "fault",     # partition, heal (namespace clusters)
     "attach",    # attach, detach, admit
+    "scale",     # pre-provision elastic pools through Ray's autoscaler
     "plan",
     "place",     # place, audit
     "data",      # sync, verify, ls

@@ -136,11 +136,14 @@ def raycluster(topology: Topology, site_name: str, options: RenderOptions) -> di
         labels = {k: v for k, v in node.labels.items() if k != "hybridray.io/node"}
         resources = {"CPU": str(node.cpus), **({"GPU": str(node.gpus)} if node.gpus else {}),
                      "memory": str(node.memory_bytes), **_str_resources(node, where)}
+        # autoscaler v2 reads the idle timeout per group (KubeRay's idleTimeoutSeconds)
+        idle = {"idleTimeoutSeconds": int(pool.idle_timeout)} if pool.elastic else {}
         spec["workerGroupSpecs"].append({
             "groupName": pool.name,
             "replicas": pool.min_nodes,
             "minReplicas": pool.min_nodes,
             "maxReplicas": pool.max_nodes,
+            **idle,
             "rayStartParams": params,
             "labels": labels,
             "resources": resources,

@@ -208,6 +208,8 @@ def ray_up_config(topology: Topology, site_name: str, options: RenderOptions) ->
         types[pool.name] = {"node_config": cloud.node_config(pool, where),
                             "resources": resources, "labels": labels,
                             "min_workers": pool.min_nodes, "max_workers": pool.max_nodes}
+        if pool.elastic:  # the pool's own idle timeout (autoscaler v2 reads it per type)
+            types[pool.name]["idle_timeout_s"] = pool.idle_timeout
         max_workers += pool.max_nodes
     if not head_here:
         cloud.check_unbootstrapped()

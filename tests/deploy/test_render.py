@@ -57,6 +57,8 @@ def test_every_example_renders_and_validates(path, tmp_path, ray_schema):
             assert node_type["resources"].get("GPU", 0) == pool.gpus
             assert (node_type["min_workers"], node_type["max_workers"]) == \
                 (pool.min_nodes, pool.max_nodes)
+            assert node_type.get("idle_timeout_s") == (pool.idle_timeout if pool.elastic
+                                                       else None)
             spot = node_type["node_config"].get("InstanceMarketOptions", {}).get("MarketType")
             assert (spot == "spot") == pool.spot
     for site, rel in rendered.rayclusters.items():
@@ -71,6 +73,8 @@ def test_every_example_renders_and_validates(path, tmp_path, ray_schema):
             assert g["template"]["spec"].get("nodeSelector", {}) == pool.node_selector
             assert (g["minReplicas"], g["maxReplicas"]) == (pool.min_nodes, pool.max_nodes)
             assert g["resources"]["CPU"] == str(int(pool.cpus))
+            assert g.get("idleTimeoutSeconds") == (int(pool.idle_timeout) if pool.elastic
+                                                   else None)
             env = {e["name"]: e for e in g["template"]["spec"]["containers"][0]["env"]}
             assert manifest["spec"]["authOptions"] == {
                 "mode": "token", "secretName": f"{topology.name}-ray-token"}  # never the token

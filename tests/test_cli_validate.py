@@ -161,3 +161,18 @@ def test_relative_path_from_the_repo_root(capsys, monkeypatch):
     code, out, err = validate(capsys, "clusters/local.yaml")
     assert code == 0
     assert out.startswith("clusters/local.yaml: ok")
+
+
+def test_elastic_pools_are_explained(capsys):
+    elastic = REPO / "clusters" / "elastic.yaml"
+    code, out, err = validate(capsys, str(elastic))
+    assert code == 0 and err == ""
+    assert "  cloud-a.cpu: elastic, 0..2 nodes sized by Ray's autoscaler; an idle node stops " \
+           "after 60 s\n" in out
+    code, out, err = validate(capsys, str(elastic), "sites.cloud-b.pools.0.idle_timeout_s=1",
+                              "sites.cloud-b.pools.0.min=1")
+    assert code == 0
+    assert "cloud-b.spot: elastic, 1..2 nodes sized by Ray's autoscaler; an idle node stops " \
+           "after 1 s; 1 always up; note: the autoscaler looks every 2 s" in out
+    code, out, err = validate(capsys, str(elastic), "sites.cloud-a.pools.0.min=2")
+    assert code == 1 and "sites.cloud-a.pools[0].idle_timeout_s: min = max = 2" in err

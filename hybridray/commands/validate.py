@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from hybridray.exceptions import ConfigError
-from hybridray.topology import load_topology
+from hybridray.topology import Topology, load_topology
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,6 +34,27 @@ def one_file(items: list[str], what: str, example: str) -> tuple[str, list[str]]
     return files[0], overrides
 
 
+def elastic_lines(topo: Topology) -> list[str]:
+    """One line per elastic pool: its range and idle timeout, and what to watch for."""
+    out = []
+    every = topo.head.autoscaler_interval_s
+    for site_name, site in topo.sites.items():
+        for pool in site.pools:
+            if not pool.elastic:
+                continue
+            line = (f"{site_name}.{pool.name}: elastic, {pool.min_nodes}..{pool.max_nodes} "
+                    f"nodes sized by Ray's autoscaler; an idle node stops after "
+                    f"{pool.idle_timeout:g} s" + (" (the default)" if pool.idle_timeout_s is None
+                                                  else ""))
+            if pool.min_nodes:
+                line += f"; {pool.min_nodes} always up"
+            if pool.idle_timeout < every:
+                line += (f"; note: the autoscaler looks every {every} s "
+                         "(head.autoscaler_interval_s), so idle nodes stop up to that late")
+            out.append(line)
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     files, overrides = split_overrides(args.items)
     if not files:
@@ -49,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
             continue
         print(f"{path}: ok ({topo.name}: {len(topo.sites)} sites, "
               f"{sum(len(s.pools) for s in topo.sites.values())} pools)")
+        for line in elastic_lines(topo):
+            print(f"  {line}")
     if failed:
         print(f"{failed} of {len(files)} file(s) invalid", file=sys.stderr)
         return 1

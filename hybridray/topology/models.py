@@ -207,6 +207,10 @@ class NodePool(_Strict):
         if self.idle_timeout_s is not None and self.count is not None:
             raise problem("idle_timeout_s", "only elastic pools (min/max) stop idle nodes; "
                           "remove idle_timeout_s, or replace count with min and max")
+        if self.idle_timeout_s is not None and self.min is not None and self.min == self.max:
+            raise problem("idle_timeout_s", f"min = max = {self.min}: Ray's autoscaler keeps "
+                          "min nodes, so none ever stops when idle; lower min (e.g. min: 0) "
+                          "or remove idle_timeout_s")
         return self
 
     @property

@@ -296,7 +296,7 @@ def stop_all(state_dir: str | os.PathLike, *, audit: Any = None,
         forget_node(state_dir, node.seq)
         if audit is not None and node in running:
             audit.record("node-stop", **node_fields(node), reason="down",
-                         up_s=round(now - node.launched_at, 3))
+                         ended_at=round(now, 6), up_s=round(now - node.launched_at, 3))
     return running
 
 

@@ -103,6 +103,12 @@ def up(topology: Topology, *, source_file: str | os.PathLike | None = None,
                                "netns: every host uses the rendered ports and runs mutual TLS")
     specs = plan_nodes(topology, simulate=simulate)
     pools = elastic.elastic_pools(topology, simulate=simulate)
+    if pools and hosts == "netns":
+        raise ClusterError(
+            f"elastic pools ({', '.join(p.node_type for p in pools)}: min/max) need --hosts "
+            "local, where Ray's autoscaler starts their nodes as local processes; namespace "
+            "hosts are started from rendered join scripts. Give each pool a count "
+            "(e.g. sites.SITE.pools.0.count=1), or use --simulate")
     name = topology.name
     home_path = hybridray_home(home).expanduser().absolute()
     # autoscaled nodes get temp dirs ROOT/eSEQ: allow for six characters of them
@@ -164,7 +170,18 @@ def up(topology: Topology, *, source_file: str | os.PathLike | None = None,
                                    "already started; nothing is left running") from None
             raise
         save_state(state)
+    if not pools:
         return state
+    # Outside the lock: the provider records each node it launches as a member under it.
+    try:
+        _wait_for_min_nodes(state, pools, timeout=timeout, say=say)
+    except BaseException as e:
+        stopped = down(name, home=home_path)
+        if isinstance(e, ClusterError):
+            raise ClusterError(f"{e}\nstopped the {len(stopped)} node process(es) already "
+                               "started; nothing is left running") from None
+        raise
+    return load_state(name, home=home_path)
 
 
 def _up_netns(topology: Topology, specs: list[NodeSpec], *, name: str, home: Path,

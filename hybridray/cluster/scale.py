@@ -15,6 +15,7 @@ bundles, and refuses what Ray could never satisfy: a static pool, more than ``ma
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ from hybridray import labels as L
 from hybridray.audit import AuditLog
 from hybridray.cluster.elastic import node_type_name
 from hybridray.exceptions import ConfigError
+from hybridray.placement.compile import NODE_ID
 from hybridray.topology.models import Topology
 
 
@@ -126,10 +128,12 @@ def from_plan(topology: Topology, plan: dict[str, Any]) -> list[PoolRequest]:
     return out
 
 
-def bundles(topology: Topology, requests: list[PoolRequest]
+def bundles(topology: Topology, requests: list[PoolRequest], avoid: Iterable[str] = ()
             ) -> tuple[list[dict[str, float]], list[dict[str, str]]]:
     """(bundles, bundle_label_selectors): one whole-node bundle per requested node, each
-    selecting its site and pool by label."""
+    selecting its site and pool by label, and keeping off the ``avoid`` node ids (drift: a
+    node that joined with the pool's labels but is no member must not count as room)."""
+    keep_off = sorted(avoid)
     out_b: list[dict[str, float]] = []
     out_s: list[dict[str, str]] = []
     for r in requests:
@@ -139,21 +143,27 @@ def bundles(topology: Topology, requests: list[PoolRequest]
         shape: dict[str, float] = {"CPU": float(pool.cpus)}
         if pool.gpus:
             shape["GPU"] = float(pool.gpus)
+        selector = {L.SITE: r.site, L.POOL: r.pool}
+        if keep_off:
+            selector[NODE_ID] = f"!in({','.join(keep_off)})"
         for _ in range(r.nodes):
             out_b.append(dict(shape))
-            out_s.append({L.SITE: r.site, L.POOL: r.pool})
+            out_s.append(dict(selector))
     return out_b, out_s
 
 
 def request(topology: Topology, requests: list[PoolRequest], *, audit: AuditLog,
-            source: str) -> dict[str, Any]:
+            source: str, avoid: Iterable[str] = ()) -> dict[str, Any]:
     """Ask Ray's autoscaler (this process must be connected to the cluster) for the
-    requested nodes, replacing any earlier request; an empty list clears it. Audited."""
+    requested nodes, replacing any earlier request; an empty list clears it. Audited.
+    ``avoid``: drift node ids no bundle may count on."""
     from ray.autoscaler.sdk import request_resources
 
-    shapes, selectors = bundles(topology, requests)
+    avoid = sorted(avoid)
+    shapes, selectors = bundles(topology, requests, avoid)
     request_resources(bundles=shapes, bundle_label_selectors=selectors)
     return audit.record(
         "scale-request", cluster=topology.name, source=source, bundles=len(shapes),
+        avoided=avoid,
         pools=[{"site": r.site, "pool": r.pool, "node_type": r.node_type, "nodes": r.nodes,
                 "note": r.note} for r in requests])

@@ -67,7 +67,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         requests, source = [], "clear"
     cluster = hybridray.connect(args.name)
-    record = scale.request(topology, requests, audit=cluster.audit, source=source)
+    drift = cluster.drift()     # a non-member with the pool's labels is no room for the request
+    record = scale.request(topology, requests, audit=cluster.audit, source=source,
+                           avoid=[d.node_id for d in drift])
+    for d in drift:
+        print(f"  not counting drift node {d.node_id[:12]} (site {d.site or '?'}): {d.why}")
     if not requests:
         print(f"cleared the request on {args.name!r}; idle autoscaled nodes stop after their "
               "pool's idle timeout")

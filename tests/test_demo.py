@@ -173,9 +173,9 @@ def test_the_demo_exits_cleanly_and_writes_its_report(demo):
     f = demo["facts"]
     assert f["mode"] == "quick"
     assert [s["outcome"] for s in f["steps"]] == ["ok"] * len(f["steps"])
-    assert len(f["steps"]) == 7
+    assert len(f["steps"]) == 8
     md = (demo["out"] / "report.md").read_text()
-    for png in ("training.png", "serving.png", "cost.png"):
+    for png in ("training.png", "serving.png", "cost.png", "burst.png"):
         assert png in f["plots"] and (demo["out"] / png).stat().st_size > 5000
         assert f"({png})" in md
     assert "Traceback" not in demo["proc"].stdout + demo["proc"].stderr
@@ -244,3 +244,20 @@ def test_every_process_it_started_is_gone(demo):
     alive = [p for p in started if process_start_time(p["pid"]) == p["start_time"]]
     assert alive == []
     assert processes_using(str(demo["home"])) == []
+
+
+def test_the_burst_added_cloud_a_nodes_through_rays_autoscaler_and_went_back_to_zero(demo):
+    b = demo["facts"]["burst"]
+    assert "error" not in b, b.get("error")
+    assert b["sites"] == ["onprem", "cloud-a"]                # confidential: not cloud-b
+    assert set(b["tasks_by_site"]) == {"onprem", "cloud-a"}   # on-prem full, cloud-a added
+    assert sum(b["tasks_by_site"].values()) == b["tasks"]
+    assert b["spans"] and {s["key"].rsplit(".", 1)[0] for s in b["spans"]} == {"cloud-a.cpu"}
+    assert all(s["reason"] == "idle" for s in b["spans"])      # Ray stopped them when idle
+    assert b["reached_zero"] and b["left"] == []
+    assert max(max(c) for c in b["timeline"]["nodes"].values()) >= 1
+    cost = b["cost"]
+    assert 0 < cost["actual"] < cost["peak_held"] and cost["saved_pct"] > 0
+    md = (demo["out"] / "report.md").read_text()
+    assert "## Burst: cloud nodes from Ray's autoscaler, then none" in md
+    assert "back to zero nodes" in md and f"**{cost['saved_pct']:.0f}% saved**" in md

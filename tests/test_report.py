@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from hybridray.report import facts as F
 from hybridray.report import write_report
 
@@ -81,3 +83,45 @@ def test_a_demo_that_stopped_early_still_gets_a_report_that_says_so(tmp_path):
     md = paths["markdown"].read_text()
     assert "stopped early" in md and "node cloud-b did not register" in md
     assert "failed: ClusterError" in md and json.loads(paths["json"].read_text())["error"]
+
+
+def test_burst_section_costs_node_seconds_against_the_peak_held_and_plots_nodes(tmp_path):
+    from types import SimpleNamespace
+
+    from hybridray.audit import AuditLog
+    from hybridray.demo.burst import _account
+
+    audit = AuditLog.for_cluster("r1-burst", tmp_path)
+    t0 = 1_000.0
+    node = {"site": "cloud-a", "pool": "cpu", "price_per_hour": 0.36, "node_type": "cloud-a.cpu"}
+    for rec in ({"event": "node-launch", "key": "cloud-a.cpu.1", "launched_at": t0 + 2},
+                {"event": "node-launch", "key": "cloud-a.cpu.2", "launched_at": t0 + 4},
+                {"event": "node-stop", "key": "cloud-a.cpu.1", "ended_at": t0 + 22,
+                 "reason": "idle"},
+                {"event": "node-stop", "key": "cloud-a.cpu.2", "ended_at": t0 + 24,
+                 "reason": "idle"}):
+        audit.record(**rec, **node)
+    # the audit log stamps records now; move them into the step's window
+    lines = [json.loads(x) for x in audit.path.read_text().splitlines()]
+    for i, r in enumerate(lines):
+        r["ts"] = t0 + 2 + i
+    audit.path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    fact = {"cluster": "r1-burst", "file": "clusters/elastic.yaml", "tasks": 8, "task_s": 6,
+            "idle_timeout_s": 10, "sites": ["onprem", "cloud-a"], "demand_at": t0,
+            "drained_at": t0 + 12, "zero_at": t0 + 40, "reached_zero": True,
+            "tasks_by_site": {"onprem": 4, "cloud-a": 4}, "first_cloud_task_s": 6.5,
+            "results": [{"site": "cloud-a", "node": "cloud-a.cpu.1", "started": t0 + 6.5,
+                         "ended": t0 + 12.5}]}
+    _account(SimpleNamespace(name="r1-burst", home=str(tmp_path)), fact)
+    assert fact["peak"] == "2 cloud-a"
+    cost = fact["cost"]
+    assert cost["cloud_node_hours"] == pytest.approx(40 / 3600)    # 20 s + 20 s up
+    assert cost["actual"] == pytest.approx(40 / 3600 * 0.36)
+    assert cost["peak_held"] == pytest.approx(2 * 0.36 * 40 / 3600)  # two nodes, all 40 s
+    assert cost["saved_pct"] == pytest.approx(50.0)
+    f = facts(tmp_path)
+    f["burst"] = fact
+    paths = write_report(f, tmp_path / "out", home=tmp_path)
+    assert "burst.png" in {p.name for p in paths["plots"]}
+    md = paths["markdown"].read_text()
+    assert "**50% saved**" in md and "back to zero nodes" in md and "(burst.png)" in md

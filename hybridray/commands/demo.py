@@ -47,4 +47,6 @@ def run(args: argparse.Namespace) -> int:
                          report_dir=args.report_dir, hosts=args.hosts)
     finally:
         signal.signal(signal.SIGTERM, previous)
-    return 1 if facts.get("processes", {}).get("left") else 0
+    burst = facts.get("burst", {})
+    return 1 if (facts.get("processes", {}).get("left") or burst.get("error")
+                 or burst.get("left")) else 0

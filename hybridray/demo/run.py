@@ -1,7 +1,8 @@
 """The demo's script: each step calls the public function a user would call, in order.
 
     up → prepare restricted data on-prem → masked sync (and a refused one) → DDP training
-    → quantized serving at several sites → real requests → a cloud node killed → down → report
+    → quantized serving at several sites → real requests → a cloud node killed → down
+    → a burst on an elastic cluster (cloud nodes from Ray's autoscaler, then none) → report
 
 With ``hosts="netns"`` every node is a host of its own in a network namespace, sites joined
 by shaped links (``hybridray up --hosts netns``): this process moves onto the head host to
@@ -145,12 +146,25 @@ def run_demo(cluster_file: str | os.PathLike = CLUSTER_FILE, *, name: str = "dem
         if links is not None:
             facts["links"] = links.stop()
         _teardown(n, name, home, state, facts)
+        if "error" not in facts and hosts == "local":   # its own cluster, once the first
+            _burst(n, name, home, quick, facts)          # one is down
         restore()
         facts["duration_s"] = round(n.now(), 1)
         facts["steps"] = n.steps
         facts["decisions"] = n.decisions
         _report(n, facts, out, home)
     return facts
+
+
+def _burst(n: Narrator, name: str, home: Path, quick: bool, facts: dict) -> None:
+    """Step 8 (``hybridray/demo/burst.py``); a failure is reported, not raised."""
+    from hybridray.demo import burst
+
+    try:
+        burst.run(n, name, home, quick, facts)
+    except Exception as e:
+        facts.setdefault("burst", {})["error"] = f"{type(e).__name__}: {e}"
+        n.console.print(f"[red]burst step failed[/]: {type(e).__name__}: {e}")
 
 
 def _report(n: Narrator, facts: dict, out: Path, home: Path) -> None:

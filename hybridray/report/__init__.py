@@ -46,7 +46,7 @@ def write_report(facts: dict[str, Any], directory: str | os.PathLike, *,
     made = []
     for name, fn in (("training.png", plots.training), ("serving.png", plots.serving),
                      ("cost.png", plots.cost), ("bytes.png", plots.transfers),
-                     ("links.png", plots.links)):
+                     ("links.png", plots.links), ("burst.png", plots.burst)):
         try:
             if fn(facts, out / name):
                 made.append(name)

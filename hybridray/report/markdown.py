@@ -80,6 +80,7 @@ def render(f: dict[str, Any]) -> str:
                              v["per_s"]] for k, v in lat.items()]), ""]
         if "serving.png" in f.get("plots", []):
             out += ["![serving latency, throughput and replicas](serving.png)", ""]
+    out += _burst(f)
     c = f.get("cost") or {}
     if c:
         out += ["## Cost (topology prices × node-hours, plus egress)", "",
@@ -139,3 +140,39 @@ def render(f: dict[str, Any]) -> str:
     if f.get("metrics_file"):
         out += [f"Prometheus metrics scraped before down: `{f['metrics_file']}`.", ""]
     return "\n".join(out)
+
+
+def _burst(f: dict[str, Any]) -> list[str]:
+    b = f.get("burst") or {}
+    if not b:
+        return []
+    out = ["## Burst: cloud nodes from Ray's autoscaler, then none", ""]
+    if b.get("error"):
+        return out + [f"**The burst step failed**: `{b['error']}`.", ""]
+    if "cost" not in b:
+        return out + ["The burst step did not get as far as its demand.", ""]
+    c = b["cost"]
+    first = b.get("first_cloud_task_s")
+    out += [f"`{b['file']}` as cluster `{b['cluster']}`: on-prem is static, the cloud pools are "
+            f"elastic at `min: 0`. {b['tasks']} confidential `onprem-first` tasks of "
+            f"{b['task_s']:g} s arrived at once (policy order: {', '.join(b['sites'])}); "
+            "Ray's autoscaler added the cloud nodes their label selectors asked for"
+            + (f", and the first task on a new cloud node started {first:.1f} s after the "
+               "demand" if first is not None else "")
+            + f". All work drained at t={b['drained_at'] - b['demand_at']:.1f} s; after the "
+            f"{b['idle_timeout_s']} s idle timeout the cloud was "
+            f"{'back to zero nodes' if b.get('reached_zero') else 'NOT back to zero'} "
+            f"at t={b['zero_at'] - b['demand_at']:.1f} s.", "",
+            _table(["tasks ran at", "count"], [[k, v] for k, v in
+                                               sorted(b["tasks_by_site"].items())]), "",
+            _table(["node", "up from (s)", "to (s)", "stopped because", "cost $"],
+                   [[s["key"], f"{s['start']:.1f}", f"{s['end']:.1f}", s.get("reason") or "-",
+                     f"{s['cost']:.6f}"] for s in b.get("spans", [])]), "",
+            f"Cloud cost of the burst as it ran: **${c['actual']:.6f}** "
+            f"({c['cloud_node_hours']:.4f} node-hours). Holding the same peak ({b['peak']}) up "
+            f"for the whole {b['window_s']:.0f} s would have cost ${c['peak_held']:.6f}: "
+            f"**{c['saved_pct']:.0f}% saved** (${c['saved']:.6f}); over a day of such bursts "
+            "the held capacity would bill all 24 hours.", ""]
+    if "burst.png" in f.get("plots", []):
+        out += ["![autoscaled nodes per site over time](burst.png)", ""]
+    return out

@@ -191,3 +191,39 @@ def links(facts: dict[str, Any], path: Path) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def burst(facts: dict[str, Any], path: Path) -> Path | None:
+    """Autoscaled nodes per site over the burst step, and when each task ran where."""
+    b = facts.get("burst") or {}
+    timeline = b.get("timeline") or {}
+    if not timeline.get("t"):
+        return None
+    plt = _plt()
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 5.6), sharex=True,
+                                   gridspec_kw={"height_ratios": [2, 3]})
+    for site, counts in sorted(timeline["nodes"].items()):
+        ax1.step(timeline["t"], counts, where="post", color=COLORS.get(site), label=site,
+                 linewidth=2)
+    ax1.axhline(0, color="#a0aec0", linewidth=0.8)
+    if b.get("drained_at") and b.get("demand_at"):
+        ax1.axvline(b["drained_at"] - b["demand_at"], color="black", linestyle="--",
+                    linewidth=1, label="work drained")
+    ax1.set_ylabel("autoscaled nodes")
+    ax1.set_title(f"burst: {b.get('tasks')} tasks on {b.get('cluster')}; cloud nodes from "
+                  "Ray's autoscaler, stopped when idle")
+    ax1.legend(loc="upper right")
+    ax1.grid(alpha=0.3)
+    nodes = sorted({r["node"] for r in b.get("results", [])})
+    for r in b.get("results", []):
+        y = nodes.index(r["node"])
+        ax2.barh(y, r["ended"] - r["started"], left=r["started"] - b["demand_at"], height=0.6,
+                 color=COLORS.get(r["site"]), alpha=0.8)
+    ax2.set_yticks(range(len(nodes)), nodes)
+    ax2.set_xlabel("seconds since the demand")
+    ax2.set_title("tasks by node")
+    ax2.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -45,6 +45,9 @@ from hybridray.topology.models import Topology
 UP_TIMEOUT_S = 60.0
 ELASTIC_DIRS = 1_000_000  # ROOT/e99999: as long as a temp dir of the millionth node
 STOP_TIMEOUT_S = 15.0
+# down waits this long for the cluster's lock: the provider of an elastic pool holds it for
+# the seconds it takes to record a node Ray's autoscaler launched or stopped
+LOCK_GRACE_S = 30.0
 # Unix socket paths hold at most 107 bytes and Ray puts its sockets at
 # TEMP_DIR/session_YYYY-MM-DD_HH-MM-SS_UUUUUU_PID/sockets/plasma_store (pid up to 7 digits).
 MAX_SOCKET_PATH = 107
@@ -294,7 +297,7 @@ def down(name: str, *, home: str | os.PathLike | None = None,
     """
     if not cluster_dir(name, home).is_dir():
         load_state(name, home=home)  # raises ClusterNotFound, listing the known clusters
-    with cluster_lock(name, home):
+    with cluster_lock(name, home, wait=LOCK_GRACE_S):
         try:
             state = load_state(name, home=home)
         except ClusterNotFound:

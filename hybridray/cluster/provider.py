@@ -182,13 +182,15 @@ class LocalElasticProvider(FakeMultiNodeProvider):
             for pid in record.live_pids():  # whatever outlived the raylet
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGKILL)
+            # gone: its id may never run placed work again. Dropped before its record, so
+            # whoever sees no record of the node sees no member either
+            self._membership(remove=node_id)
             elastic.forget_node(self._state_dir, record.seq)
             ended = ended or time.time()
             self._audit.record("node-stop", **elastic.node_fields(record),
                                reason=reason or "autoscaler", ended_at=round(ended, 6),
                                up_s=round(ended - record.launched_at, 3))
             logger.info("hybridray: %s stopped (%s)", record.key, reason or "autoscaler")
-        self._membership(remove=node_id)   # gone: its id may never run placed work again
 
     def _death(self, node_id: str) -> tuple[str | None, float | None]:
         try:

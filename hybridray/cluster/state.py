@@ -25,6 +25,7 @@ import fcntl
 import json
 import os
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -271,18 +272,25 @@ def list_clusters(home: str | os.PathLike | None = None) -> list[str]:
 
 @contextlib.contextmanager
 def cluster_lock(name: str, home: str | os.PathLike | None = None, *,
-                 wait: bool = False) -> Iterator[None]:
+                 wait: bool | float = False) -> Iterator[None]:
     """Serialise ``up``/``down``/``attach``/``admit`` of one cluster name across processes
-    (``wait``: block until the other one is done instead of refusing)."""
+    (``wait``: True blocks until the other one is done instead of refusing; a number waits
+    at most that many seconds, for holders known to be brief, such as the provider of an
+    elastic pool recording a node it launched or Ray stopped)."""
     root = clusters_dir(home)
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(root / f".{name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            raise ClusterError(f"another hybridray up/down/admit of {name!r} is running; wait "
-                               "for it to finish") from None
+        deadline = time.monotonic() + (wait if not isinstance(wait, bool) else 0.0)
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait is True else fcntl.LOCK_NB))
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise ClusterError(f"another hybridray up/down/admit of {name!r} is "
+                                       "running; wait for it to finish") from None
+                time.sleep(0.1)
         yield
     finally:
         os.close(fd)

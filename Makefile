@@ -35,6 +35,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_serve.py --make-infinity-venv
 	$(BIN)/python benchmarks/bench_serve.py --only compare
 	$(BIN)/python benchmarks/bench_sync.py
+	$(BIN)/python benchmarks/bench_burst.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -25,6 +25,7 @@ from hybridray.cluster import (
     ClusterState,
     NodeRecord,
     down,
+    elastic,
     list_clusters,
     load_state,
     local,
@@ -315,11 +316,17 @@ def test_a_start_that_ray_gave_up_on_is_repeated_once_on_fresh_ports(tmp_path, m
 
     monkeypatch.setattr(local, "Startup", FlakyStartup)
     said: list[str] = []
-    local._start_nodes(state, [], timeout=5, say=said.append, pinned={7002})
+    topology = load_topology(CLUSTERS / "elastic.yaml")   # elastic pools: an autoscaler config
+    pools = elastic.elastic_pools(topology)
+    local._start_nodes(state, [], timeout=5, say=said.append, pinned={7002},
+                       topology=topology, pools=pools)
     assert len(runs) == 2 and "starting the cluster once more" in said[0]
     assert runs[1]["dashboard"] == 7002  # pinned by the user: kept
     assert runs[1]["gcs"] not in (7001, 7002) and state.address.endswith(f":{runs[1]['gcs']}")
     assert os.listdir(state.temp_dir) == []  # the first start's Ray dirs are gone
+    # Ray's autoscaler of the second start is told the second start's GCS address
+    config = json.loads((state.state_dir / elastic.CONFIG_FILE).read_text())
+    assert config["provider"]["gcs_address"] == state.address
 
     class BrokenStartup(FlakyStartup):  # a failure of the node's own making
         def run(self, specs):
@@ -329,7 +336,8 @@ def test_a_start_that_ray_gave_up_on_is_repeated_once_on_fresh_ports(tmp_path, m
     monkeypatch.setattr(local, "Startup", BrokenStartup)
     runs.clear()
     with pytest.raises(ClusterError, match="bad config"):
-        local._start_nodes(state, [], timeout=5, say=said.append, pinned=set())
+        local._start_nodes(state, [], timeout=5, say=said.append, pinned=set(),
+                           topology=topology, pools=[])
     assert len(runs) == 1  # not repeated
 
 

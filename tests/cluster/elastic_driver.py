@@ -112,13 +112,27 @@ def _mark(marker_dir: str, what: str) -> str:
 
 
 def train_loop(config: dict) -> None:
-    """One Train worker: say where it runs, report a step every half second."""
+    """One Train worker: say where it runs, report a step every half second with a
+    checkpoint (Ray Train's result carries the metrics of the latest checkpoint), and
+    resume from the latest checkpoint when Train restarts it."""
+    import tempfile
+
     import ray.train
 
     key = _mark(config["marker_dir"], "train")
-    for step in range(config["steps"]):
+    first, resumed_from = 0, -1
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            resumed_from = json.loads(open(os.path.join(d, "step.json")).read())["step"]
+        first = resumed_from + 1
+    for step in range(first, config["steps"]):
         time.sleep(0.5)
-        ray.train.report({"step": step, "node": key})
+        with tempfile.TemporaryDirectory() as d:
+            with open(os.path.join(d, "step.json"), "w") as f:
+                json.dump({"step": step}, f)
+            ray.train.report({"step": step, "node": key, "resumed_from": resumed_from},
+                             checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
 def spot(cluster, marker_dir: str) -> dict:
@@ -168,7 +182,8 @@ def spot(cluster, marker_dir: str) -> dict:
         scaling_config=C.scaling_config(placement, 1, resources_per_worker={"CPU": 0.5}),
         run_config=ray.train.RunConfig(
             name="spot-train", storage_path=os.path.join(marker_dir, "..", "train"),
-            failure_config=ray.train.FailureConfig(max_failures=3)))
+            failure_config=ray.train.FailureConfig(max_failures=3),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)))
     killed: dict = {}
 
     def kill_when_all_three_run_there() -> None:
@@ -215,6 +230,7 @@ def spot(cluster, marker_dir: str) -> dict:
     return {"killed": killed, "served_before": served_before, "served_after": served_after,
             "task": task_result, "train_node": (result.metrics or {}).get("node"),
             "train_steps": (result.metrics or {}).get("step"),
+            "train_resumed_from": (result.metrics or {}).get("resumed_from"),
             "train_error": repr(result.error) if result.error else "",
             "seconds": {"killed_at": killed.get("at", 0) - started,
                         "train_done": train_done - started, "end": time.time() - started},

@@ -254,8 +254,11 @@ def test_a_killed_spot_node_is_replaced_and_task_replica_and_train_worker_recove
     assert replacements, "Ray's autoscaler started no replacement"
     assert result["task"]["node"] in replacements               # the task, retried
     assert result["served_after"] in replacements               # the replica, restarted
-    assert result["train_node"] in replacements and result["train_steps"] == STEPS - 1, result
-    assert not result["train_error"]
+    why = json.dumps(result)
+    assert not result["train_error"], why
+    assert result["train_node"] in replacements and result["train_steps"] == STEPS - 1, why
+    # the restarted worker went on from the last checkpoint taken on the lost node
+    assert 0 <= result["train_resumed_from"] < STEPS - 1, why
 
 
 def test_scale_preprovisions_the_named_pool_and_clear_lets_it_go(cluster):

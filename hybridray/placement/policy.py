@@ -160,7 +160,8 @@ def _never_fits(wl: Workload, cap: Capacity, rows: list) -> tuple[str, str] | No
         return None
     lasting = [cap.lasting_units(r[0], wl.cpus, wl.gpus, wl.accelerator, wl.spot_ok)
                for r in rows]
-    if any(x is None for x in lasting) or sum(lasting) >= need:
+    # nodes Ray's autoscaler may still add to an elastic pool hold nothing yet: room to come
+    if any(x is None for x in lasting) or sum(lasting) + sum(r[8] for r in rows) >= need:
         return None
     sites = [r[0] for r in rows]
     usage = cap.usage

@@ -253,3 +253,22 @@ def test_down_waits_out_a_brief_record_update_but_refuses_a_long_one(tmp_path):
     with cluster_lock("c", tmp_path, wait=5.0):   # got it once the holder let go
         assert release.is_set()
     t.join(5)
+
+
+def test_work_beside_held_onprem_is_not_refused_while_a_cloud_pool_may_still_grow(topology):
+    # on-prem's CPUs held by actors (they last), no cloud node up: the "can never start"
+    # refusal must count the nodes Ray's autoscaler may add, or nothing would ever burst
+    from hybridray.waiting import Holder, NodeUsage, Usage
+
+    held = Usage(nodes=[NodeUsage("n" * 56, "onprem", 2, 0, 0, 0, holders=[
+        Holder("actor Hold", 2, 0, lasting=True)])], demands=[])
+    alive = [NodeCapacity("onprem", "cpu", 2, 0, 0, 0)]
+    wl = Workload(cpus=1, data_classes=["internal"], preference="onprem-first")
+    burst = Capacity(alive + elastic_headroom(topology, alive), live=True,
+                     usage_loader=lambda: held)
+    placement = decide(topology, wl, burst)
+    assert placement.ok and placement.sites == ["onprem", "cloud-b", "cloud-a"]
+    # work only on-prem may hold has no pool to grow: refused, naming what holds on-prem
+    restricted = Workload(cpus=1, data_classes=["restricted"], preference="onprem-first")
+    refused = decide(topology, restricted, burst)
+    assert refused.refusal.rule == "capacity" and "can never start" in refused.refusal.message

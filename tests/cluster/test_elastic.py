@@ -262,6 +262,9 @@ def test_a_killed_spot_node_is_replaced_and_task_replica_and_train_worker_recove
 
 
 def test_scale_preprovisions_the_named_pool_and_clear_lets_it_go(cluster):
+    # the spot test's replacement node, idle now, goes too: the cloud is back at zero
+    wait_until(lambda: elastic.load_nodes(cluster.state_dir) == [], 90,
+               "the spot replacement to stop when idle")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["HYBRIDRAY_HOME"] = cluster.home
     cli = [sys.executable, "-m", "hybridray", "scale", NAME]

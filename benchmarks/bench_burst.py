@@ -64,14 +64,15 @@ def task(seconds: float) -> dict:
             "ended": time.time()}
 
 
-def held_at_peak(topology: Topology, peak: int) -> Topology:
-    """The same topology with cloud-a a static pool of ``peak`` nodes."""
-    data = topology.model_dump(mode="json")
+def held_at_peak(path: Path, overrides: list[str], peak: int) -> Topology:
+    """The same topology with cloud-a a static pool of ``peak`` nodes, under a name of its
+    own (loaded under that name, so its storage roots are its own too)."""
+    name = next(o for o in reversed(overrides) if o.startswith("name=")).split("=", 1)[1]
+    data = load_topology(path, [*overrides, f"name={name}-peak"]).model_dump(mode="json")
     pool = data["sites"]["cloud-a"]["pools"][0]
     for key in ("min", "max", "idle_timeout_s"):
         pool.pop(key, None)
     pool["count"] = peak
-    data["name"] = f"{topology.name}-peak"
     return Topology.model_validate(data)
 
 
@@ -157,16 +158,17 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     overrides = ["name=bench-burst", "head.autoscaler_interval_s=1",
                  f"sites.cloud-a.pools.0.idle_timeout_s={args.idle:g}"]
-    topology = load_topology(shipped("clusters/elastic.yaml"), overrides)
+    path = shipped("clusters/elastic.yaml")
     with tempfile.TemporaryDirectory(prefix="hr-bench-burst-") as tmp:
         home = Path(tmp)
-        os.environ["HYBRIDRAY_HOME"] = str(home)   # the file's storage roots
+        os.environ["HYBRIDRAY_HOME"] = str(home)   # the file's storage roots, at load
+        topology = load_topology(path, overrides)
         print("elastic cluster (cloud-a min 0, max 2):", file=sys.stderr, flush=True)
         burst = run_trace(topology, home, args.n, None, elastic_run=True)
         quiet = [b["quiet_s"] for b in burst["bursts"]]
         peak = max(1, burst["peak"])
         print(f"held at peak (cloud-a count {peak}):", file=sys.stderr, flush=True)
-        held = run_trace(held_at_peak(topology, peak), home, args.n, quiet,
+        held = run_trace(held_at_peak(path, overrides, peak), home, args.n, quiet,
                          elastic_run=False)
 
     price = topology.sites["cloud-a"].pools[0].price_per_node_hour

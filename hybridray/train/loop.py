@@ -98,8 +98,14 @@ class RaySession(Session):
             # Ray Train registers a reported checkpoint asynchronously; wait until it is
             # committed, so a failure from here on resumes from it (at most one checkpoint
             # interval of steps is ever redone).
+            # hybridray's controller polls at once when a worker waits (train/controller.py).
             ray.train.get_all_reported_checkpoints(
                 consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+
+    def finished(self, model: Any) -> None:
+        from hybridray.train.controller import expedite_controller
+
+        expedite_controller()     # fit() returns at the controller's next poll: make it soon
 
 
 def train_loop_per_worker(spec: dict[str, Any]) -> None:

@@ -159,7 +159,48 @@ def _trainer_class():
         def _register_sigint_handler(self, controller):
             self.controller = controller      # and no handler of Ray's
 
+        def _initialize_and_run_controller(self, **controller_init_kwargs):
+            return _run_controller(self, controller_init_kwargs)
+
+        def _create_default_callbacks(self):
+            from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+
+            from hybridray.train.controller import DatasetsOnlyWhenGiven
+
+            return [DatasetsOnlyWhenGiven(train_run_context=self.train_run_context,
+                                          datasets=self.datasets)
+                    if type(c) is DatasetsCallback else c
+                    for c in super()._create_default_callbacks()]
+
     return Trainer
+
+
+def _run_controller(trainer: Any, init_kwargs: dict[str, Any]) -> Any:
+    """Ray Train's ``DataParallelTrainer._initialize_and_run_controller`` with hybridray's
+    controller (``train/controller.py``: a checkpoint commits as soon as a worker waits for
+    it): the same actor options (0 CPUs, on the driver's node, Ray Train's environment)."""
+    import threading
+
+    import ray
+    from ray._common.constants import RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR
+    from ray.train.v2._internal.constants import (
+        DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE,
+        get_env_vars_to_propagate,
+    )
+
+    from hybridray.train.controller import PromptCommitController
+
+    env_vars = get_env_vars_to_propagate()
+    env_vars.setdefault(RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR,
+                        DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE)
+    node = ray.get_runtime_context().get_node_id()
+    controller = ray.remote(num_cpus=0, label_selector={ray._raylet.RAY_NODE_ID_KEY: node},
+                            runtime_env={"env_vars": env_vars})(PromptCommitController) \
+        .remote(**init_kwargs)
+    if threading.current_thread() is threading.main_thread():
+        trainer._register_sigint_handler(controller)
+    ray.get(controller.run.remote())
+    return ray.get(controller.get_result.remote())
 
 
 def _fit(trainer: Any) -> Any:

@@ -234,3 +234,45 @@ def test_own_model_passed_from_python_trains_and_loads_back(hr_cluster):
     assert meta["model_config"]["factory"].startswith("tests.train.test_train_cluster:")
     with pytest.raises(TrainError, match="does not match the model"):
         load_model(r.checkpoint_uri, factory=lambda: custom_models.build(width=8))
+
+
+def _actor_ids(*classes: str) -> set[str]:
+    from ray.util.state import list_actors
+
+    return {a.actor_id for a in list_actors(limit=10000) if a.class_name in classes}
+
+
+def test_checkpoints_commit_without_waiting_for_ray_trains_poll(local_cluster, hr_cluster):
+    """Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S; a
+    checkpoint counts as committed at the poll that finds it. Set to an hour here, a run with
+    three checkpoints (each waited for, as every hybridray run does) still ends: hybridray's
+    controller polls when a worker waits for a commit and when the workers finish
+    (train/controller.py). Nor does the run start Ray Train's per-run PreemptionWatcher and
+    DatasetManager actors (the watcher is a thread of the controller; no datasets, no
+    manager). A hang is the failure; the wait is bounded."""
+    import os
+    import subprocess
+    import sys
+
+    from hybridray.cluster import ray_env
+    from tests.paths import ROOT
+
+    before = _actor_ids("PreemptionWatcher", "DatasetManager")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hybridray", "train", "configs/train/tiny.yaml", "--json",
+         "--cluster", local_cluster.name, "name=prompt-commit", "train.steps=12",
+         "train.log_interval=4", "train.eval_interval=12", "train.checkpoint_interval=4",
+         "data.output=onprem:datasets/test-prompt-commit", *FAST],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, **ray_env(local_cluster), "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "3600"})
+    try:
+        out, err = proc.communicate(timeout=420)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"the run waited for Ray Train's hourly poll:\n{err[-3000:]}")
+    assert proc.returncode == 0, err[-3000:]
+    r = json.loads(out)
+    assert r["steps"] == 12 and r["checkpoint"].endswith("/checkpoint-00000012")
+    assert r["restarts"] == 0 and r["end_to_end_tokens_per_s"]
+    assert _actor_ids("PreemptionWatcher", "DatasetManager") == before

@@ -12,10 +12,15 @@ One ``Capacity`` serves all 10,000 decisions of a repeat, so its per-shape memo 
 the first of each shape (about 96 shapes): what a scheduler deciding many at once pays.
 
 Per call: ``hybridray up`` of clusters/local.yaml (its own name and home), then ``--calls``
-calls of ``Cluster.place`` with workloads drawn at random: each call reads live capacity
-from Ray (``Capacity.from_ray``: two GCS calls; a fresh, cold memo), decides, and appends
-the decision to the audit log (a file write under ``flock``). Median and p99 microseconds
-per decision, and the same for each part alone.
+calls of ``Cluster.place`` with workloads drawn at random: each call takes live capacity
+from the cluster's snapshot (``hybridray.placement.snapshot``: never older than 1 s, normally
+refreshed every 0.25 s by a background thread while decisions come; a fresh ``Capacity``, so
+a cold memo), decides, and appends the decision to the audit log (a file write under
+``flock``). Median and p99 microseconds per decision, the same for each part alone (and for
+``Capacity.from_ray``, one fresh reading: what every call paid before the snapshot, and what
+a refresh costs now), and how old the capacity each decision used was. Then the same calls
+paced ``--pace-ms`` apart (a driver placing work as it comes), where the background refresh
+runs between and during decisions.
 """
 
 from __future__ import annotations
@@ -146,12 +151,19 @@ def _quantile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
+def _row(label: str, values: list[float]) -> str:
+    us = [v * 1e6 for v in values]
+    return (f"| {label} | {median(us):,.0f} | {_quantile(us, 0.9):,.0f} | "
+            f"{_quantile(us, 0.99):,.0f} | {max(us):,.0f} |")
+
+
 def per_call(args) -> str:
-    """``Cluster.place`` on a live local cluster: capacity from Ray, cold memo, audit write."""
+    """``Cluster.place`` on a live local cluster: snapshot capacity, cold memo, audit write."""
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     import hybridray
     from hybridray import cluster as lifecycle
     from hybridray.placement import Capacity
+    from hybridray.placement.snapshot import MAX_AGE_S, REFRESH_S
     from hybridray.topology import load_topology
 
     section = Section(__file__, args.argv)
@@ -168,48 +180,73 @@ def per_call(args) -> str:
         wls = make_workloads(topo, n=args.calls, seed=3)
         for w in wls[:20]:              # warm the imports and the GCS connection
             cluster.place(w)
-        parts: dict[str, list[float]] = {"place": [], "capacity": [], "decide": [],
-                                         "audit": []}
+        parts: dict[str, list[float]] = {"place": [], "capacity": [], "from_ray": [],
+                                         "decide": [], "audit": [], "age": []}
         for w in wls:
             t = time.perf_counter()
             placement = cluster.place(w)
             parts["place"].append(time.perf_counter() - t)
+            parts["age"].append(cluster._snapshots.get().age_s)
             t = time.perf_counter()
-            cap = Capacity.from_ray()
+            cap = cluster.capacity()
             parts["capacity"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            Capacity.from_ray()
+            parts["from_ray"].append(time.perf_counter() - t)
             t = time.perf_counter()
             decide(topo, w, cap)
             parts["decide"].append(time.perf_counter() - t)
             t = time.perf_counter()
             cluster.audit.placement(placement, cluster=cluster.name)
             parts["audit"].append(time.perf_counter() - t)
+        reads_before = cluster._snapshots.reads
+        paced: list[float] = []
+        paced_age: list[float] = []
+        for w in wls[:args.paced_calls]:
+            time.sleep(args.pace_ms / 1000)
+            t = time.perf_counter()
+            cluster.place(w)
+            paced.append(time.perf_counter() - t)
+            paced_age.append(cluster._snapshots.get().age_s)
+        paced_reads = cluster._snapshots.reads - reads_before
         audited = len(cluster.audit.read("placement"))
     finally:
         import ray
 
         ray.shutdown()
         lifecycle.down(state.name, home=home)
-    labels = {"place": "Cluster.place (all of it)", "capacity": "Capacity.from_ray alone",
-              "decide": "decide alone (fresh capacity, cold memo)",
-              "audit": "audit write alone (flock + append)"}
-    lines = ["| per call, µs | median | p90 | p99 | max |", "|---|---:|---:|---:|---:|"]
-    for key, values in parts.items():
-        us = [v * 1e6 for v in values]
-        lines.append(f"| {labels[key]} | {median(us):,.0f} | {_quantile(us, 0.9):,.0f} | "
-                     f"{_quantile(us, 0.99):,.0f} | {max(us):,.0f} |")
+    lines = ["| per call, µs | median | p90 | p99 | max |", "|---|---:|---:|---:|---:|",
+             _row("**Cluster.place (all of it)**", parts["place"]),
+             _row("capacity from the snapshot alone (Cluster.capacity)", parts["capacity"]),
+             _row("Capacity.from_ray alone (one fresh reading: a refresh)", parts["from_ray"]),
+             _row("decide alone (fresh Capacity, cold memo)", parts["decide"]),
+             _row("audit write alone (flock + append)", parts["audit"]),
+             _row("age of the capacity a decision used (µs)", parts["age"]),
+             _row(f"**Cluster.place, calls {args.pace_ms:g} ms apart**", paced),
+             _row(f"age of the capacity used, calls {args.pace_ms:g} ms apart (µs)",
+                  paced_age)]
     p99 = _quantile(parts["place"], 0.99) * 1e3
-    what = (f"Per call: {args.calls} calls of Cluster.place on a live clusters/local.yaml "
-            f"cluster ({len(topo.sites)} sites, 4 nodes), each with live capacity from Ray "
-            f"and an audit write ({audited} placement records written)")
+    p99_paced = _quantile(paced, 0.99) * 1e3
+    what = (f"Per call: {args.calls} calls of Cluster.place back to back on a live "
+            f"clusters/local.yaml cluster ({len(topo.sites)} sites, 4 nodes), each with "
+            f"capacity from the cluster's snapshot (at most {MAX_AGE_S:g} s old, refreshed "
+            f"every {REFRESH_S:g} s in the background while used), a cold memo and an audit "
+            f"write; then {args.paced_calls} calls {args.pace_ms:g} ms apart "
+            f"({paced_reads} background readings meanwhile); {audited} placement records "
+            "written")
     return (section.header(what) + "\n" + "\n".join(lines)
-            + f"\n\nCluster.place p99 {p99:.2f} ms (target < 2 ms): "
-              f"{verdict(p99, 2.0, at_least=False)}")
+            + f"\n\nCluster.place p99 {p99:.2f} ms back to back, {p99_paced:.2f} ms paced "
+              f"(target < 2 ms): {verdict(max(p99, p99_paced), 2.0, at_least=False)}")
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=5, help="repeats of each batch run")
     p.add_argument("--calls", type=int, default=2000, help="Cluster.place calls to time")
+    p.add_argument("--paced-calls", type=int, default=300,
+                   help="then this many calls, --pace-ms apart (default 300)")
+    p.add_argument("--pace-ms", type=float, default=20.0,
+                   help="milliseconds between the paced calls (default 20)")
     p.add_argument("--no-cluster", action="store_true",
                    help="only the batch figure (no Ray cluster is started)")
     return p

@@ -27,6 +27,7 @@ from hybridray.placement.capacity import Capacity
 from hybridray.placement.decision import Placement
 from hybridray.placement.guard import check_residency, guarded
 from hybridray.placement.policy import decide
+from hybridray.placement.snapshot import CapacitySnapshots
 from hybridray.placement.workload import Workload
 from hybridray.topology.models import Topology
 
@@ -41,6 +42,10 @@ class Cluster:
         self.topology = topology
         self.state = state
         self.audit = audit or AuditLog.for_cluster(topology.name)
+        self._snapshots: CapacitySnapshots | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_snapshots": None}   # a thread and a lock stay here
 
     @property
     def name(self) -> str:
@@ -83,15 +88,23 @@ class Cluster:
     def capacity(self, live: bool = True) -> Capacity:
         """Live capacity from Ray when connected (``live``: what runs, plus the nodes Ray's
         autoscaler may still add to elastic pools), else the topology at full size; either
-        way less the drift nodes, which the placement then avoids."""
+        way less the drift nodes, which the placement then avoids.
+
+        The nodes and what each has free come from a snapshot of the cluster at most
+        ``MAX_AGE_S`` (1 s) old, normally at most ``REFRESH_S`` (0.25 s):
+        ``hybridray.placement.snapshot``.
+        """
         import ray
 
         if not ray.is_initialized():
             return Capacity.from_topology(self.topology)
-        nodes = ray.nodes()
-        avoid = {d.node_id: d.why for d in self.drift(nodes)}
+        if self._snapshots is None:
+            self._snapshots = CapacitySnapshots()
+        snap = self._snapshots.get()
+        avoid = {d.node_id: d.why for d in self.drift(snap.nodes)}
         if live:
-            return Capacity.from_ray(self.topology, avoid=avoid, nodes=nodes)
+            return Capacity.from_ray(self.topology, avoid=avoid, nodes=snap.nodes,
+                                     free=snap.free)
         return Capacity.from_topology(self.topology, avoid=avoid)
 
     def place(self, workload: Workload, *, live: bool = True) -> Placement:

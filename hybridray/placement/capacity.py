@@ -69,9 +69,11 @@ class Capacity:
     @classmethod
     def from_ray(cls, topology: Topology | None = None, *,
                  avoid: dict[str, str] | None = None,
-                 nodes: list[dict] | None = None) -> Capacity:
+                 nodes: list[dict] | None = None,
+                 free: dict[str, dict[str, float]] | None = None) -> Capacity:
         """What the connected Ray cluster has now: alive nodes, their free CPUs and GPUs
-        (``nodes``: ``ray.nodes()`` already read), less the ``avoid`` nodes.
+        (``nodes``/``free``: ``ray.nodes()`` and the free resources per node id, already
+        read, e.g. by ``hybridray.placement.snapshot``), less the ``avoid`` nodes.
 
         With ``topology``, an elastic pool (``min``/``max``) also counts the nodes Ray's
         autoscaler may still add (``max`` less those alive) toward its site's full size,
@@ -80,7 +82,8 @@ class Capacity:
         import ray
         from ray._private import state as ray_state
 
-        free = ray_state.available_resources_per_node()
+        if free is None:
+            free = ray_state.available_resources_per_node()
         avoid = avoid or {}
         out = []
         for n in ray.nodes() if nodes is None else nodes:

@@ -16,8 +16,10 @@
    and the ingress) against a plain FastAPI + uvicorn server running the same model in fp32,
    one request at a time: throughput at concurrency 16, p50 latency at concurrency 1; Serve's
    default proxy and HAProxy + throughput-optimised, 1 and 2 model replicas (1 CPU each).
-2. **overhead**: a no-op route on Ray Serve (default settings, throughput-optimised, HAProxy)
-   against the same route on plain uvicorn.
+2. **overhead**: the path of a request without the model: ``POST /v1/embeddings`` through
+   Serve's proxy, hybridray's ingress and a replica that answers at once (Serve's default
+   proxy; HAProxy + throughput-optimised), against the same route on plain FastAPI +
+   uvicorn; each side in the same CPU budget (a cgroup quota over all its processes).
 3. **quant**: int8 against fp32 in-process: speed and accuracy (embeddings, GPT sizes).
 4. **autoscale**: from a step in load to the first new replica serving.
 
@@ -44,7 +46,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import CpuGroup, Section, median, repeats_table, spread, tree  # noqa: E402
+from common import (  # noqa: E402
+    CpuBudget,
+    CpuGroup,
+    Section,
+    median,
+    paired,
+    repeats_table,
+    spread,
+    tree,
+)
 
 COMMAND = "python benchmarks/bench_serve.py"
 TOKEN = "bench-token-" + "b" * 24
@@ -300,16 +311,40 @@ def health():
 '''
 
 PLAIN_NOOP = '''
-from fastapi import FastAPI
+import hmac
+import numpy as np
+from fastapi import FastAPI, Header, HTTPException
+from pydantic import BaseModel
+
+TOKEN = "Bearer {token}"
+VECTOR = np.full(384, 384 ** -0.5, dtype=np.float32)
 app = FastAPI()
 
-@app.get("/noop")
-async def noop():
-    return {"ok": True}
+
+class Req(BaseModel):
+    model: str
+    input: str | list[str]
+
+
+@app.post("/v1/embeddings")
+async def embed(req: Req, authorization: str = Header("")):
+    if not hmac.compare_digest(authorization, TOKEN):
+        raise HTTPException(401, "bad token")
+    texts = [req.input] if isinstance(req.input, str) else req.input
+    return {{"object": "list", "model": req.model,
+            "data": [{{"object": "embedding", "index": i, "embedding": VECTOR.tolist()}}
+                     for i in range(len(texts))],
+            "usage": {{"prompt_tokens": len(texts), "total_tokens": len(texts)}}}}
+
+
+@app.get("/healthz")
+def health():
+    return {{"ok": True}}
 '''
 
 
-def plain_server(code: str, port: int, group=None, **fmt) -> subprocess.Popen:
+def plain_server(code: str, port: int, group=None, *, preexec=None, **fmt
+                 ) -> subprocess.Popen:
     path = Path(tempfile.mkdtemp()) / "plain_app.py"
     path.write_text(code.format(**fmt) if fmt else code)
     return subprocess.Popen([sys.executable, "-m", "uvicorn", "plain_app:app", "--host",
@@ -317,7 +352,7 @@ def plain_server(code: str, port: int, group=None, **fmt) -> subprocess.Popen:
                              "--no-access-log"],
                             cwd=path.parent, env={**os.environ, "PYTHONPATH": str(ROOT)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            preexec_fn=group.enter if group else None)
+                            preexec_fn=preexec or (group.enter if group else None))
 
 
 INFINITY_VENV = Path(tempfile.gettempdir()) / "hybridray-bench-infinity-venv"
@@ -558,95 +593,180 @@ def section_compare(home: str, results: dict, args) -> None:
                   f"infinity-emb medians: {base16:.1f} req/s @16, p50 {base1:.1f} ms @1")
 
 
-NOOP_SERVE = '''
-import json, os, sys, time
-import ray
-from fastapi import FastAPI
-from ray import serve
+class NoopReplica:
+    """Stands in for the embedding model on the overhead route: answers ``embed`` at once
+    with a fixed unit vector per text (MiniLM's 384 dimensions), so what is measured is
+    every hop of a real request but the model. Defined here and sent to Serve by value."""
 
-app = FastAPI()
+    def __init__(self, spec: dict):
+        import numpy as np
 
-@serve.deployment(max_ongoing_requests=1000, num_replicas={replicas},
-                  ray_actor_options={{"num_cpus": 0}})
-@serve.ingress(app)
-class Noop:
-    @app.get("/noop")
-    async def noop(self):
-        return {{"ok": True}}
+        self.spec = spec
+        self.vector = np.full((1, 384), 384 ** -0.5, dtype=np.float32)
 
-ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-serve.start(http_options={{"host": "127.0.0.1", "port": {port}}})
-serve.run(Noop.bind(), route_prefix="/", name="noop")
-print("READY", flush=True)
-sys.stdin.read()
-serve.shutdown()
-ray.shutdown()
-'''
+    async def embed(self, texts: list[str], dimensions: int | None = None) -> dict:
+        import numpy as np
+
+        return {"vectors": np.repeat(self.vector, len(texts), axis=0), "tokens": len(texts),
+                "site": self.spec["site"], "version": self.spec["version"]}
+
+    def info(self) -> dict:
+        return {"site": self.spec["site"], "version": self.spec["version"], "kind": "noop"}
+
+    def check_health(self) -> None:
+        pass
 
 
-def _noop_serve(port: int, env: dict[str, str], replicas: int = 1) -> subprocess.Popen:
-    path = Path(tempfile.mkdtemp()) / "noop_serve.py"
-    path.write_text(NOOP_SERVE.format(port=port, replicas=replicas))
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "HYBRIDRAY_"))}
-    proc = subprocess.Popen([sys.executable, str(path)], env={**clean, **env},
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if "READY" in line or not line and proc.poll() is not None:
-            break
-    return proc
+def serve_noop_side(home: str, fast: bool, seconds: float) -> dict:
+    """hybridray's ingress in front of a no-op replica on a fresh one-site cluster (run in a
+    child process, so Serve's environment flags apply to every Serve process): the
+    one-application form of a service (``hybridray.serve.apps.service_app``: the same
+    ingress, routing and options as ``deploy``), with ``NoopReplica`` bound in place of the
+    model. Every process of the cluster is in one CPU budget of ``NOOP_CPUS``."""
+    import hybridray
+    from hybridray.cluster import down, ray_env
+    from hybridray.serve.ingress import Ingress
+    from hybridray.serve.plan import INGRESS, plan_service
+    from hybridray.serve.service import _start_serve, read_token_digests
 
-
-def section_overhead(results: dict) -> None:
-    section = Section(__file__, ["--only", "overhead"])
-    port = free_port()
-    plain = plain_server(PLAIN_NOOP, port)
+    state = bench_cluster(home, FAST_SERVE if fast else None)
+    group = CpuGroup.create(f"noop-{os.getpid()}")
+    budget = CpuBudget.create(f"noop-{os.getpid()}", NOOP_CPUS)
     try:
-        wait_http(port, "/noop")
-        load(port, "/noop", None, concurrency=8, seconds=2, token=None, method="GET")
-        base = load(port, "/noop", None, concurrency=32, seconds=10, token=None, method="GET",
-                    procs=2)
-    finally:
-        stop(plain)
-    rows = [("plain uvicorn (1 process)", base)]
-    variants = [
-        ("Serve, default settings", {}),
-        ("Serve, RAY_SERVE_THROUGHPUT_OPTIMIZED=1", {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}),
-        ("Serve, RAY_SERVE_ENABLE_HA_PROXY=1 (HAProxy)", {"RAY_SERVE_ENABLE_HA_PROXY": "1"}),
-        ("Serve, HAProxy + throughput-optimised", {"RAY_SERVE_ENABLE_HA_PROXY": "1",
-                                                   "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}),
-    ]
-    for name, env in variants:
-        port = free_port()
-        proc = _noop_serve(port, {"RAY_USAGE_STATS_ENABLED": "0", **env})
-        try:
-            try:
-                wait_http(port, "/noop", timeout=60)
-            except RuntimeError:
-                rows.append((name + " (did not start)", {"rps": 0.0, "p50_ms": float("nan"),
-                                                         "p99_ms": float("nan"), "errors": 0}))
-                continue
-            load(port, "/noop", None, concurrency=8, seconds=3, token=None, method="GET")
-            rows.append((name, load(port, "/noop", None, concurrency=32, seconds=10,
-                                    token=None, method="GET", procs=2)))
-        finally:
-            try:
-                proc.communicate("stop\n", timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-    results["overhead"] = rows
-    print("\n### Serve overhead on a no-op route vs plain uvicorn\n")
-    print(section.header("GET /noop on plain Ray Serve (not through hybridray's ingress), 32 "
-                         "keep-alive connections from 2 client processes, each server once, "
-                         "in turn"))
-    print("| server | req/s | p50 (ms) | p99 (ms) | errors | vs plain |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, r in rows:
-        print(f"| {name} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
-              f"{_errors(r)} | {r['rps'] / base['rps']:.3f}x |")
+        os.environ.update(ray_env(state))
+        os.environ["HYBRIDRAY_SERVE_TOKENS"] = TOKEN
+        from ray import serve
 
+        cluster = hybridray.connect(state.name)
+        port = free_port()
+        config = embed_service(port)
+        plan = plan_service(config, cluster.topology)
+        replica = serve.deployment(NoopReplica, name="NoopReplica", max_ongoing_requests=64)
+        handles = {r.deployment: replica.options(name=r.deployment, **{
+            k: v for k, v in r.options.items() if k != "user_config"}).bind(r.spec)
+            for r in plan.replicas}
+        routing = plan.routing(read_token_digests(config), single_app=True)
+        _start_serve(config)
+        serve.run(Ingress.options(name=INGRESS, **plan.ingress_options, user_config=routing)
+                  .bind(config.name, handles=handles), name=config.name,
+                  route_prefix=config.route_prefix)
+        wait_http(port, "/healthz", timeout=240)
+        for g in (group, budget):   # every process of the cluster (proxy, HAProxy, ...)
+            if g:
+                g.adopt(tree(n.pid for n in state.nodes))
+        return noop_load(port, TOKEN, group, budget, seconds)
+    finally:
+        _disconnect()
+        down(state.name, home=home)
+        for g in (group, budget):
+            if g:
+                g.remove()
+
+
+NOOP_CPUS = 1.0          # the CPU budget of each side of the overhead comparison
+NOOP_CONCURRENCY = 32
+NOOP_BODY = {"model": "minilm", "input": "the quick brown fox"}
+
+
+def noop_load(port: int, token: str | None, group, budget, seconds: float) -> dict:
+    """Warm up, then ``NOOP_CONCURRENCY`` keep-alive connections from 2 client processes."""
+    load(port, "/v1/embeddings", [NOOP_BODY], concurrency=8, seconds=3, token=token)
+    cpu0 = group.seconds() if group else float("nan")
+    held0 = budget.throttled_s() if budget else float("nan")
+    r = load(port, "/v1/embeddings", [NOOP_BODY], concurrency=NOOP_CONCURRENCY,
+             seconds=seconds, token=token, procs=2)
+    cpu = (group.seconds() - cpu0) if group else float("nan")
+    r["cpu_ms_per_req"] = 1000 * cpu / r["ok"] if r["ok"] else float("nan")
+    r["cpus_used"] = cpu / seconds
+    r["throttled_s"] = (budget.throttled_s() - held0) if budget else float("nan")
+    return r
+
+
+def plain_noop_side(seconds: float) -> dict:
+    """The same route on plain FastAPI + uvicorn (one process), in a CPU budget of the same
+    size as hybridray's."""
+    group = CpuGroup.create(f"noop-plain-{os.getpid()}")
+    budget = CpuBudget.create(f"noop-plain-{os.getpid()}", NOOP_CPUS)
+
+    def enter():
+        for g in (group, budget):
+            if g:
+                g.enter()
+
+    port = free_port()
+    proc = plain_server(PLAIN_NOOP, port, token=TOKEN, preexec=enter)
+    try:
+        wait_http(port, "/healthz")
+        return noop_load(port, TOKEN, group, budget, seconds)
+    finally:
+        stop(proc)
+        for g in (group, budget):
+            if g:
+                g.remove()
+
+
+NOOP_SIDES = {
+    "plain": "plain FastAPI + uvicorn (1 process)",
+    "hr-default": "hybridray ingress -> replica, Serve default proxy",
+    "hr-haproxy": "hybridray ingress -> replica, HAProxy + throughput-optimised",
+}
+
+
+def section_overhead(home: str, results: dict, args) -> None:
+    section = Section(__file__, args.argv)
+    runs: dict[str, list[dict]] = {n: [] for n in NOOP_SIDES}
+    for i in range(args.rounds):
+        order = list(NOOP_SIDES) if i % 2 == 0 else list(NOOP_SIDES)[::-1]
+        for name in order:
+            if name == "plain":
+                r = plain_noop_side(args.seconds)
+            else:
+                out = subprocess.run(
+                    [sys.executable, __file__, "--serve-noop-side",
+                     "fast" if name == "hr-haproxy" else "default", "--seconds",
+                     str(args.seconds)], capture_output=True, text=True,
+                    env={**os.environ, "HYBRIDRAY_HOME": home}, timeout=1500)
+                line = [x for x in out.stdout.splitlines() if x.startswith("SIDE ")]
+                if not line:
+                    raise RuntimeError(f"serve side failed: {out.stderr[-2000:]}")
+                r = json.loads(line[-1][5:])
+            runs[name].append(r)
+            print(f"round {i + 1}/{args.rounds} {name}: {r['rps']:.0f} req/s, p50 "
+                  f"{r['p50_ms']:.2f} ms", file=sys.stderr, flush=True)
+    results["overhead"] = runs
+    rows = []
+    for name, label in NOOP_SIDES.items():
+        rows += [(f"{label}: req/s", [r["rps"] for r in runs[name]], "{:,.0f}"),
+                 (f"{label}: p50 ms", [r["p50_ms"] for r in runs[name]], "{:.2f}"),
+                 (f"{label}: p99 ms", [r["p99_ms"] for r in runs[name]], "{:.2f}"),
+                 (f"{label}: CPU ms per request", [r["cpu_ms_per_req"] for r in runs[name]],
+                  "{:.2f}"),
+                 (f"{label}: CPUs used (budget {NOOP_CPUS:g})",
+                  [r["cpus_used"] for r in runs[name]], "{:.2f}")]
+        if name != "plain":
+            rows.append((f"**{label}: req/s vs plain** (paired)",
+                         paired([r["rps"] for r in runs[name]],
+                                [r["rps"] for r in runs["plain"]]), "{:.3f}"))
+    errors = "; ".join(f"{n} {_errors(*runs[n])}" for n in NOOP_SIDES)
+    probe = CpuBudget.create("probe", NOOP_CPUS)
+    if probe:
+        probe.remove()
+    budget = (f"each side in a CPU budget of {NOOP_CPUS:g} CPU (a cgroup CFS quota over every "
+              "process of the side: for hybridray the whole Ray cluster, GCS and raylets "
+              "included)" if probe is not None else
+              "no CPU budget could be set here (no writable cpu cgroup): both sides share "
+              "the machine")
+    print("\n### Request overhead: hybridray's two hops vs plain FastAPI\n")
+    print(section.header(
+        f"POST /v1/embeddings with one text and a bearer token; the model is left out on both "
+        f"sides (a fixed 384-float vector), so this is the cost of the path a request takes: "
+        f"for hybridray Serve's proxy, hybridray's ingress (auth, limits, routing) and a "
+        f"replica (Serve's handle), for plain one FastAPI app; {NOOP_CONCURRENCY} keep-alive "
+        f"connections from 2 client processes for {args.seconds:g} s after a 3 s warm-up; "
+        f"{budget}; {args.rounds} rounds taking the sides in turn (order reversed every "
+        f"other round)"))
+    print(repeats_table(rows, "side: measure (per round)"))
+    print(f"\nerrors: {errors}")
 
 def section_quant(results: dict) -> None:
     section = Section(__file__, ["--only", "quant"])
@@ -780,9 +900,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--only", choices=["compare", "overhead", "quant", "autoscale"],
                    action="append")
     p.add_argument("--rounds", type=int, default=2,
-                   help="compare: rounds of every server in turn (default 2)")
+                   help="compare, overhead: rounds of every side in turn (default 2)")
     p.add_argument("--seconds", type=float, default=10.0,
-                   help="compare: seconds per concurrency level (default 10)")
+                   help="compare: seconds per concurrency level; overhead: seconds of load "
+                        "(default 10)")
     p.add_argument("--infinity-python", default=str(INFINITY_VENV / "bin" / "python"),
                    help="the python of a venv with infinity-emb (default: made by "
                         "--make-infinity-venv)")
@@ -790,6 +911,7 @@ def parser() -> argparse.ArgumentParser:
                    help="create that venv (pip install infinity-emb[server,torch]) and exit")
     p.add_argument("--serve-embed-side", choices=["default:1", "default:2", "fast:1",
                                                   "fast:2"], help=argparse.SUPPRESS)
+    p.add_argument("--serve-noop-side", choices=["default", "fast"], help=argparse.SUPPRESS)
     return p
 
 
@@ -808,6 +930,13 @@ def main(argv: list[str] | None = None) -> int:
                                 args.seconds)
         print("SIDE " + json.dumps(side), flush=True)
         return 0
+    if args.serve_noop_side:
+        fast = args.serve_noop_side == "fast"
+        if fast:
+            os.environ.update(FAST_SERVE)   # before Ray is imported in this process
+        side = serve_noop_side(os.environ["HYBRIDRAY_HOME"], fast, args.seconds)
+        print("SIDE " + json.dumps(side), flush=True)
+        return 0
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     todo = args.only or ["quant", "overhead", "compare", "autoscale"]
     home = tempfile.mkdtemp(prefix="hr-bench-")
@@ -820,7 +949,7 @@ def main(argv: list[str] | None = None) -> int:
         if name == "compare":
             section_compare(home, results, args)
         elif name == "overhead":
-            section_overhead(results)
+            section_overhead(home, results, args)
         elif name == "quant":
             section_quant(results)
         elif name == "autoscale":

@@ -232,6 +232,52 @@ class CpuGroup:
             pass
 
 
+CPU_CONTROLLER = Path("/sys/fs/cgroup/cpu")
+
+
+class CpuBudget(CpuGroup):
+    """A cgroup of the ``cpu`` controller with a CFS quota: every process put in it, and
+    everything they start later, together get at most ``cpus`` CPUs of time. Two sides of a
+    comparison each in a budget of the same size have the same CPU to spend, however many
+    processes each runs. ``None`` from ``create`` when the machine offers no writable
+    ``cpu`` hierarchy (then the sides share the machine, and the table says so)."""
+
+    @classmethod
+    def create(cls, name: str, cpus: float = 1.0) -> CpuBudget | None:   # type: ignore[override]
+        path = CPU_CONTROLLER / f"hybridray-bench-{os.getpid()}-{name}"
+        try:
+            path.mkdir(exist_ok=True)
+            period = int((path / "cpu.cfs_period_us").read_text())
+            (path / "cpu.cfs_quota_us").write_text(str(int(period * cpus)))
+        except OSError:
+            return None
+        budget = cls(path)
+        budget.cpus = cpus
+        return budget
+
+    def seconds(self) -> float:
+        raise NotImplementedError("a CpuBudget limits; a CpuGroup (cpuacct) counts")
+
+    def throttled_s(self) -> float:
+        """Seconds the group was held back by its quota so far."""
+        for line in (self.path / "cpu.stat").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "throttled_time":
+                return int(value) / 1e9
+        return 0.0
+
+    def remove(self) -> None:
+        try:
+            for pid in (self.path / "cgroup.procs").read_text().split():
+                try:
+                    (CPU_CONTROLLER / "cgroup.procs").write_text(pid)
+                except OSError:
+                    pass
+            self.path.rmdir()
+        except OSError:
+            pass
+
+
 class ProcessTree:
     """CPU seconds and peak memory (sum of PSS) of a side: every process below ``roots``.
 

@@ -202,3 +202,60 @@ def test_ctrl_c_stops_the_demo_and_it_tears_down(tmp_path):
     assert facts["error"].startswith("KeyboardInterrupt")
     assert facts["processes"]["left"] == []
     assert _gone(lambda: processes_using(str(tmp_path))), processes_using(str(tmp_path))
+
+
+def _running_sync_tasks() -> list[str]:
+    from ray.util.state import list_tasks
+
+    return [t.name for t in list_tasks(filters=[("state", "=", "RUNNING")], limit=1000)
+            if "encode_batch" in t.name or "write_batch" in t.name or "probe_files" in t.name]
+
+
+def test_ctrl_c_during_sync_keeps_the_committed_version_and_a_rerun_completes(
+        local_cluster, hr_cluster, hybridray_home):
+    """``hybridray sync`` interrupted while it moves parts: exits 130 with one line, stops its
+    Ray Data pipeline, gives the destination's lease back, commits nothing (the previous
+    version stays current and reads as before), records the failure in the audit log; a rerun
+    adopts what was staged and commits."""
+    import uuid
+
+    import pyarrow.parquet as pq
+
+    from hybridray.storage import dataset_store, open_dataset, parse_address, sync_dataset
+    from hybridray.storage.manifest import DatasetStore
+    from tests.data.conftest import tickets, write_tickets
+
+    name = f"datasets/sigint-{uuid.uuid4().hex[:8]}"
+    src = Path(hr_cluster.topology.sites["onprem"].storage.path) / name
+    files, rows = 8, 800
+    write_tickets(src, files=files, rows=rows, row_group=50)
+    args = [f"onprem:{name}", f"cloud-a:{name}"]
+    first = sync_dataset(*args, cluster=hr_cluster, data_class="confidential")
+    for i in range(files):     # every file changes: a mix of versions would show
+        pq.write_table(tickets(rows, start=90_000 + i * rows, seed=50 + i),
+                       src / f"part-{i:03d}.parquet", row_group_size=50)
+    store = DatasetStore(dataset_store(hr_cluster.topology,
+                                       parse_address(f"cloud-a:{name}", hr_cluster.topology)))
+
+    proc = _start([sys.executable, "-m", "hybridray", "sync", *args, "--cluster",
+                   local_cluster.name, "--data-class", "confidential", "--part-mb", "0",
+                   "--cpus", "2"], _env(hybridray_home, local_cluster))
+    _read_until(proc, "wrote _parts/")          # it is moving parts (one at a time)
+    code, out = _interrupt(proc)
+    assert code == 130, out[-3000:]
+    assert "interrupted" in out and "Traceback" not in out
+    assert "committed" not in out
+
+    assert store.current().version == first.version          # nothing committed
+    assert store._lease_bytes() is None                        # the lease was given back
+    old = open_dataset(f"cloud-a:{name}", cluster=hr_cluster).read(["id"]).column("id")
+    assert sorted(old.to_pylist()) == list(range(files * rows))
+    failed = hr_cluster.audit.read("sync", destination=f"cloud-a:{name}", outcome="failed")
+    assert failed and failed[-1]["error"].startswith("KeyboardInterrupt")
+    assert _gone(_running_sync_tasks), _running_sync_tasks()   # its pipeline stopped
+
+    rerun = sync_dataset(*args, cluster=hr_cluster, data_class="confidential", part_bytes=0)
+    assert rerun.outcome == "committed" and rerun.version == first.version + 1
+    assert rerun.parts_adopted >= 1                           # staged parts were kept
+    ids = open_dataset(f"cloud-a:{name}", cluster=hr_cluster).read(["id"]).column("id")
+    assert sorted(ids.to_pylist()) == list(range(90_000, 90_000 + files * rows))

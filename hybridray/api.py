@@ -85,14 +85,14 @@ class Cluster:
             record_rejoined(self.state, nodes)
         return find_drift(self.topology, effective_members(self.state, nodes), nodes)
 
-    def capacity(self, live: bool = True) -> Capacity:
+    def capacity(self, live: bool = True, *, max_age_s: float | None = None) -> Capacity:
         """Live capacity from Ray when connected (``live``: what runs, plus the nodes Ray's
         autoscaler may still add to elastic pools), else the topology at full size; either
         way less the drift nodes, which the placement then avoids.
 
         The nodes and what each has free come from a snapshot of the cluster at most
-        ``MAX_AGE_S`` (1 s) old, normally at most ``REFRESH_S`` (0.25 s):
-        ``hybridray.placement.snapshot``.
+        ``max_age_s`` old (default ``MAX_AGE_S``, 1 s), normally at most ``REFRESH_S``
+        (0.25 s): see ``hybridray.placement.snapshot``; ``max_age_s=0`` reads Ray afresh.
         """
         import ray
 
@@ -100,20 +100,23 @@ class Cluster:
             return Capacity.from_topology(self.topology)
         if self._snapshots is None:
             self._snapshots = CapacitySnapshots()
-        snap = self._snapshots.get()
+        snap = self._snapshots.get(max_age_s)
         avoid = {d.node_id: d.why for d in self.drift(snap.nodes)}
         if live:
             return Capacity.from_ray(self.topology, avoid=avoid, nodes=snap.nodes,
                                      free=snap.free)
         return Capacity.from_topology(self.topology, avoid=avoid)
 
-    def place(self, workload: Workload, *, live: bool = True) -> Placement:
+    def place(self, workload: Workload, *, live: bool = True,
+              max_age_s: float | None = None) -> Placement:
         """Decide where ``workload`` may run and audit the decision (refusals included).
 
         Drift nodes are kept out of the decision and out of every selector compiled from
         it; each exclusion is audited (event ``drift``, action ``excluded``).
+        ``max_age_s``: how old the live reading may be (``capacity``); the decisions that
+        start a training run or a sync read it afresh (0), one per run.
         """
-        cap = self.capacity(live)
+        cap = self.capacity(live, max_age_s=max_age_s)
         placement = decide(self.topology, workload, cap)
         # Refused for what actors and placement groups hold: one that is being released right
         # now (a run that just ended) still looks held for a moment, so look again first.

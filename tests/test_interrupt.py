@@ -220,11 +220,14 @@ def test_ctrl_c_during_sync_keeps_the_committed_version_and_a_rerun_completes(
     import uuid
 
     import pyarrow.parquet as pq
+    import ray
+    from ray._private.state import available_resources_per_node
 
     from hybridray.storage import dataset_store, open_dataset, parse_address, sync_dataset
     from hybridray.storage.manifest import DatasetStore
     from tests.data.conftest import tickets, write_tickets
 
+    free_before = {n: r.get("CPU", 0.0) for n, r in available_resources_per_node().items()}
     name = f"datasets/sigint-{uuid.uuid4().hex[:8]}"
     src = Path(hr_cluster.topology.sites["onprem"].storage.path) / name
     files, rows = 8, 800
@@ -259,3 +262,10 @@ def test_ctrl_c_during_sync_keeps_the_committed_version_and_a_rerun_completes(
     assert rerun.parts_adopted >= 1                           # staged parts were kept
     ids = open_dataset(f"cloud-a:{name}", cluster=hr_cluster).read(["id"]).column("id")
     assert sorted(ids.to_pylist()) == list(range(90_000, 90_000 + files * rows))
+
+    def held() -> dict[str, float]:     # CPUs the syncs still hold (Ray reports it late)
+        now = available_resources_per_node()
+        return {n: cpus - now.get(n, {}).get("CPU", 0.0) for n, cpus in free_before.items()
+                if now.get(n, {}).get("CPU", 0.0) < cpus}
+
+    assert ray.is_initialized() and _gone(held), held()   # the next test finds them free

@@ -80,14 +80,16 @@ class CapacitySnapshots:
         self._stop = threading.Event()
         self.reads = 0                          # readings taken (for tests and benchmarks)
 
-    def get(self) -> Snapshot:
-        """The latest reading if it is at most ``max_age_s`` old, else a new one."""
+    def get(self, max_age_s: float | None = None) -> Snapshot:
+        """The latest reading if it is at most ``max_age_s`` old (default: the bound this
+        was made with), else a new one."""
+        bound = self.max_age_s if max_age_s is None else max_age_s
         self._last_use = time.monotonic()
         latest = self._latest
         if latest is not None and latest.connection != self._connection():
             self._latest = latest = None        # another cluster, or Ray was restarted
-        if latest is None or latest.age_s > self.max_age_s:
-            latest = self._refresh(self.max_age_s)
+        if latest is None or latest.age_s > bound:
+            latest = self._refresh(bound)
         if self.max_age_s > 0:
             self._ensure_thread()
         return latest

@@ -265,11 +265,11 @@ class _Run:
         src_wl = Workload(name=f"sync read {self.src}", kind="data", cpus=cpus,
                           data_classes=(src_class,), site=self.src.site, burst=False,
                           data_site=self.src.site, queue=queue)
-        src_pl = self.cluster.place(src_wl)
+        src_pl = self.cluster.place(src_wl, max_age_s=0)      # what Ray has free now
         dst_wl = Workload(name=f"sync write {self.dst}", kind="data", cpus=cpus,
                           data_classes=(out_class,), site=self.dst.site, burst=False,
                           data_site=self.src.site, queue=queue)
-        dst_pl = self.cluster.place(dst_wl)
+        dst_pl = self.cluster.place(dst_wl, max_age_s=0)
         limit = self.topology.sites[self.dst.site].max_data_class
         if out_class > limit:
             allowed = self.topology.sites_by_class[out_class]

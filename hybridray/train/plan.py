@@ -91,10 +91,11 @@ def plan_run(config: TrainConfig, cluster: Any, model_fn: Any = None) -> RunPlan
                         burst=t.burst, spot_ok=t.spot_ok, expected_hours=1.0,
                         queue=t.queue)
 
-    placement = cluster.place(workload(t.max_workers))
+    # A run starts from what Ray has free now (not the snapshot a busy driver decides with).
+    placement = cluster.place(workload(t.max_workers), max_age_s=0)
     if not placement.ok and t.min_workers < t.max_workers and placement.refusal.rule == \
             "capacity":
-        placement = cluster.place(workload(t.min_workers))
+        placement = cluster.place(workload(t.min_workers), max_age_s=0)
     placement.raise_if_refused()
     if t.min_workers < t.max_workers:
         _check_elastic(config, topology, data_class)

@@ -56,6 +56,18 @@ def test_a_reading_is_reused_until_it_is_older_than_the_bound():
         snaps.close()
 
 
+def test_a_decision_may_ask_for_a_fresher_reading_than_the_bound():
+    reader = Reader()
+    snaps = snapshots(reader, max_age_s=60, refresh_s=60)
+    try:
+        first = snaps.get()
+        fresh = snaps.get(max_age_s=0)          # as a training run's or a sync's decision
+        assert fresh is not first and reader.count == 2
+        assert snaps.get() is fresh             # and later decisions use that reading
+    finally:
+        snaps.close()
+
+
 def test_max_age_zero_reads_for_every_decision_and_starts_no_thread():
     reader = Reader()
     snaps = snapshots(reader, max_age_s=0)

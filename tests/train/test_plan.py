@@ -21,7 +21,7 @@ from tests.paths import CLUSTERS
 class OfflineCluster(Cluster):
     """The topology at full size: decisions without a running Ray cluster."""
 
-    def capacity(self, live: bool = True) -> Capacity:
+    def capacity(self, live: bool = True, **_) -> Capacity:
         return Capacity.from_topology(self.topology)
 
 

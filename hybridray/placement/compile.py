@@ -55,8 +55,22 @@ def constraint_selector(placement: Placement) -> dict[str, str]:
 
 def site_selector(placement: Placement, site: str) -> dict[str, str]:
     """Label selector for one candidate site with every decided constraint."""
-    sel = {L.SITE: site, **constraint_selector(placement)}
-    pools = next((c.pools for c in placement.candidates if c.site == site), ())
+    return _site_selector(placement, site, constraint_selector(placement),
+                          _pools_by_site(placement))
+
+
+def _pools_by_site(placement: Placement) -> dict[str, tuple[str, ...]]:
+    """Each candidate site's decided pools (the first candidate of a site counts)."""
+    out: dict[str, tuple[str, ...]] = {}
+    for c in placement.candidates:
+        out.setdefault(c.site, tuple(c.pools))
+    return out
+
+
+def _site_selector(placement: Placement, site: str, constraint: dict[str, str],
+                   pools_by_site: dict[str, tuple[str, ...]]) -> dict[str, str]:
+    sel = {L.SITE: site, **constraint}
+    pools = pools_by_site.get(site, ())
     if pools:
         sel[L.POOL] = pools[0] if len(pools) == 1 else f"in({','.join(pools)})"
     return _avoiding(sel, placement)
@@ -66,19 +80,23 @@ def selectors(placement: Placement) -> tuple[dict[str, str], list[dict[str, Any]
     """(primary label_selector, fallback_strategy) for a placed workload."""
     placement.raise_if_refused()
     sites = placement.sites
-    primary = site_selector(placement, sites[0])
+    # Computed once per placement: a 50-site fallback list would otherwise scan every
+    # candidate once per site (quadratic in the sites).
+    constraint = constraint_selector(placement)
+    pools = _pools_by_site(placement)
+    primary = _site_selector(placement, sites[0], constraint, pools)
     ordered = sites[1:1 + MAX_ORDERED_FALLBACKS]
-    fallback = [{"label_selector": site_selector(placement, s)} for s in ordered]
+    fallback = [{"label_selector": _site_selector(placement, s, constraint, pools)}
+                for s in ordered]
     rest = sites[1 + MAX_ORDERED_FALLBACKS:]
     if rest:
         # One merged selector for the tail: a pool set per site cannot be expressed there, so
         # only tail sites without a pool restriction are kept (the decided pools of the
         # others would be lost, which is exactly what this module exists to prevent).
-        free = [s for s in rest if not site_selector(placement, s).get(L.POOL)]
+        free = [s for s in rest if not pools.get(s)]
         if free:
             fallback.append({"label_selector": _avoiding(
-                {L.SITE: f"in({','.join(free)})", **constraint_selector(placement)},
-                placement)})
+                {L.SITE: f"in({','.join(free)})", **constraint}, placement)})
     return primary, fallback
 
 

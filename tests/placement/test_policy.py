@@ -246,3 +246,34 @@ def test_long_fallback_lists_merge_their_tail_into_one_selector():
     assert len(fb) == MAX_ORDERED_FALLBACKS + 1
     tail = fb[-1]["label_selector"][L.SITE]
     assert tail == f"in({','.join(p.sites[1 + MAX_ORDERED_FALLBACKS:])})"
+
+
+def test_each_fallback_is_its_sites_own_selector_and_the_tail_keeps_only_poolless_sites():
+    """``selectors`` computes the constraint and pools once per placement; every selector it
+    writes must still be what ``site_selector`` gives for that site alone."""
+    import sys
+
+    from hybridray.placement.compile import MAX_ORDERED_FALLBACKS, selectors, site_selector
+    from tests.paths import ROOT
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_placement import live_capacity, make_topology, make_workloads
+
+    topo = make_topology(n_sites=20, nodes_per_site=4)
+    cap = live_capacity(topo)
+    placed = [p for p in (decide(topo, w, cap) for w in make_workloads(topo, n=300)) if p.ok]
+    with_pools = 0
+    for p in placed:
+        primary, fallback = selectors(p)
+        assert primary == site_selector(p, p.sites[0])
+        ordered = p.sites[1:1 + MAX_ORDERED_FALLBACKS]
+        for site, fb in zip(ordered, fallback[:len(ordered)], strict=True):
+            assert fb["label_selector"] == site_selector(p, site)
+        pools = {c.site: c.pools for c in reversed(p.candidates)}
+        with_pools += any(pools.values())
+        rest = [s for s in p.sites[1 + MAX_ORDERED_FALLBACKS:] if not pools.get(s)]
+        if rest:
+            assert fallback[-1]["label_selector"][L.SITE] == f"in({','.join(rest)})"
+        else:
+            assert len(fallback) == len(ordered)
+    assert placed and with_pools, "the workloads must include pool-restricted placements"

@@ -124,7 +124,7 @@ class Cluster:
         while (cap is not None and not placement.ok and placement.refusal.rule == "capacity"
                and cap.usage_read and time.monotonic() < deadline):
             time.sleep(0.5)
-            cap = self.capacity()
+            cap = self.capacity(live, max_age_s=0)     # look again: not the same snapshot
             placement = decide(self.topology, workload, cap)
         self.audit.placement(placement, cluster=self.name)
         if cap.avoid:

@@ -276,9 +276,11 @@ def test_scale_preprovisions_the_named_pool_and_clear_lets_it_go(cluster):
     request = audit(cluster, "scale-request", t0)[-1]
     assert request["bundles"] == 1 and request["pools"][0]["node_type"] == "cloud-a.cpu"
     assert [r["node_type"] for r in audit(cluster, "node-launch", t0)] == ["cloud-a.cpu"]
-    time.sleep(IDLE_S + 3)   # idle, but requested: Ray keeps it
     assert [n.node_type for n in elastic.load_nodes(cluster.state_dir)] == ["cloud-a.cpu"]
-    # the kept node shows in the pool gauge and accrues node-seconds while it is up
+    # the node shows in the pool gauge and accrues node-seconds while it is up. Checked at
+    # once: `request_resources` is a hint to Ray's autoscaler, and in one CI run of 2.60 it
+    # stopped the requested node as idle 7 s after its launch (the request unchanged), so
+    # how long Ray holds it is not something this test can promise
     metric = metrics(cluster)
     assert metric("hybridray_pool_nodes_running", site="cloud-a", pool="cpu",
                   elastic="true") == 1

@@ -45,6 +45,10 @@ def _sync_ray_auth(reload_config: bool = False) -> None:
         get_authentication_mode,
     )
 
+    from hybridray.placement.snapshot import pause_all
+
+    pause_all()   # no background capacity read may cross the change (Ray aborts on it)
+
     mode = os.environ.get("RAY_AUTH_MODE")
     if reload_config or (mode is not None and (mode.lower() == "token") != (
             get_authentication_mode() == AuthenticationMode.TOKEN)):

@@ -24,12 +24,27 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
 MAX_AGE_S = 1.0      # no decision uses capacity older than this
 REFRESH_S = 0.25     # how often the background thread reads while decisions come
 IDLE_S = 30.0        # the thread stops after this long without a decision
+
+_LIVE: weakref.WeakSet = weakref.WeakSet()   # every CapacitySnapshots of this process
+
+
+def pause_all() -> None:
+    """Stop every background reader of this process, waiting for each to finish its read.
+
+    Called before this process's Ray auth settings change (``hybridray.cluster.auth``: an
+    in-process client of another cluster): a GCS call made with the old connection and the
+    new token fails a check inside Ray's C++ client, which aborts the whole process. A
+    reader starts again with the next decision.
+    """
+    for snapshots in list(_LIVE):
+        snapshots.close()
 
 
 @dataclass(frozen=True)
@@ -79,6 +94,7 @@ class CapacitySnapshots:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.reads = 0                          # readings taken (for tests and benchmarks)
+        _LIVE.add(self)
 
     def get(self, max_age_s: float | None = None) -> Snapshot:
         """The latest reading if it is at most ``max_age_s`` old (default: the bound this

@@ -93,6 +93,27 @@ def test_the_background_thread_refreshes_while_used_and_stops_when_idle():
         snaps.close()
 
 
+def test_a_change_of_rays_auth_settings_stops_every_background_reader_first():
+    """Ray aborts the process when a GCS call of the old connection meets a new token, so
+    the in-process switch to another cluster's token stops the readers before it."""
+    from hybridray.cluster.auth import _sync_ray_auth
+
+    reader = Reader()
+    snaps = snapshots(reader, max_age_s=5, refresh_s=0.02, idle_s=60)
+    try:
+        snaps.get()
+        assert until(lambda: reader.count >= 2) and snaps._thread.is_alive()
+        _sync_ray_auth()
+        assert snaps._thread is None                     # stopped and joined
+        stopped_at = reader.count
+        time.sleep(0.1)
+        assert reader.count == stopped_at                # no read crosses the change
+        snaps.get()
+        assert snaps._thread.is_alive()                  # the next decision restarts it
+    finally:
+        snaps.close()
+
+
 def test_a_new_ray_connection_is_never_served_the_old_reading():
     reader = Reader()
     snaps = snapshots(reader, max_age_s=60, refresh_s=60)

@@ -66,16 +66,21 @@ def _worker(rank: int, port: int, results):
         dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def measured():
+def _two_ranks(worker) -> list[dict]:
+    """Run ``worker(rank, port, results)`` as two spawned ranks; what each put in results."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager:
         results = manager.dict()
-        mp.start_processes(_worker, args=(port, results), nprocs=2, start_method="spawn")
-        return dict(results[0])
+        mp.start_processes(worker, args=(port, results), nprocs=2, start_method="spawn")
+        return [dict(results[0]), dict(results[1])]
+
+
+@pytest.fixture(scope="module")
+def measured():
+    return _two_ranks(_worker)[0]
 
 
 def test_fp32_ddp_sends_every_gradient_every_step(measured):
@@ -166,15 +171,7 @@ def _powersgd_skewed(rank: int, port: int, results):
 
 def test_powersgd_keeps_one_collective_order_on_every_rank_whatever_the_timing():
     """The bench's PowerSGD run over a shaped link aborted in Gloo this way."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager:
-        results = manager.dict()
-        mp.start_processes(_powersgd_skewed, args=(port, results), nprocs=2,
-                           start_method="spawn")
-        r0, r1 = dict(results[0]), dict(results[1])
+    r0, r1 = _two_ranks(_powersgd_skewed)
     last = [i for i in r0["issued"] if i[0] == 4]
     assert sum(1 for i in last if not i[1]) >= 2, last    # several buckets, so they could race
     assert sum(1 for i in last if i[1]) >= 4, last        # each with P and Q from callbacks

@@ -24,7 +24,7 @@ from pathlib import Path
 
 DEADLINE_S = 240        # of any one wait
 STEADY = 24             # requests answered before the cut (cloud-b among them)
-TRAIN_STEPS = 2000      # past the GCS's verdict on the cut; the driver waits for the end
+TRAIN_STEPS = 3000      # past the GCS's verdict on the cut; the driver waits for the end
 TRAIN_WARM_STEPS = 5    # the cut comes only once the training has taken this many steps
 
 
@@ -93,7 +93,6 @@ def main(cluster_name: str, port: int, workdir: str) -> dict:
             return 0
 
     trainer = threading.Thread(target=run_training, daemon=True)
-    trainer.start()      # Ray Train's start-up overlaps the deployment below
 
     token = "drill-token-" + "q" * 24
     os.environ["HYBRIDRAY_SERVE_TOKENS"] = token
@@ -156,14 +155,21 @@ models:
     for t in threads:
         t.start()
     t0 = time.monotonic()
-    while ((sum(answered["steady"].values()) < STEADY or not answered["steady"]["cloud-b"]
-            or training_step() < TRAIN_WARM_STEPS) and time.monotonic() - t0 < DEADLINE_S):
+    while ((sum(answered["steady"].values()) < STEADY or not answered["steady"]["cloud-b"])
+           and time.monotonic() - t0 < DEADLINE_S):
         time.sleep(0.5)
+    # The training starts only now, so the cut comes a few steps into it and all the rest of
+    # its steps lie ahead of the GCS's verdict (started beside the deployment, it had once
+    # finished before the verdict came).
+    trainer.start()
+    while training_step() < TRAIN_WARM_STEPS and time.monotonic() - t0 < DEADLINE_S:
+        time.sleep(0.2)
     phase("loaded", answered=dict(answered["steady"]), training=trainer.is_alive(),
-          training_step=training_step())
+          training_step=training_step(), planned=TRAIN_STEPS)
 
-    wait_for("cut")
+    wait_for("cut")       # the test says so once the GCS has declared cloud-b's node dead
     cut_at = time.time()
+    at_verdict = {"step": training_step(), "alive": trainer.is_alive()}
     with lock:
         period[0] = "cut"
     sync_error = None
@@ -175,7 +181,7 @@ models:
     sync_s = time.monotonic() - t0
     time.sleep(5)        # keep serving through the cut for a while
     trainer.join(timeout=DEADLINE_S * 2)   # the training runs its course inside the cut
-    phase("cut-checked", sync_error=sync_error, sync_s=round(sync_s, 1),
+    phase("cut-checked", sync_error=sync_error, sync_s=round(sync_s, 1), at_verdict=at_verdict,
           answered=dict(answered["cut"]))
 
     wait_for("healed")

@@ -431,6 +431,7 @@ def test_the_doc_drill_cuts_cloud_b_under_serving_training_and_sync(ns_cluster, 
         and t["attempts"] == 1, t
     assert t["sites"] == ["onprem"]
     assert loaded["training_step"] >= 5, loaded            # stepping when the link was cut
+    assert checked["at_verdict"]["alive"], (checked, t)    # ... and still when cloud-b was dead
     # ... and it was still running when the GCS declared cloud-b's node dead
     assert t["started"] < cut_at < dead_at < t["ended"] < healed_at, \
         (t, cut_at, dead_at, healed_at)

@@ -177,10 +177,54 @@ def plan_service(config: ServeConfig, topology: Topology, *, audit: AuditLog | N
                                fix="serve each model only at sites its data class allows, "
                                    "with room for one replica (see hybridray place)")
     service_class = max(classes.values(), default=DataClass.public)
+    _check_proxy_location(config, service_class, topology, audit)
     ingress_options, ingress_sites = _ingress(config, service_class, replicas, topology, audit,
                                               capacity)
     return ServePlan(config, topology, replicas, ingress_options, ingress_sites,
                      service_class, classes, transfers)
+
+
+def _check_proxy_location(config: ServeConfig, cls: DataClass, topology: Topology,
+                          audit: AuditLog | None) -> None:
+    """Refuse (rule ``residency``, audited) an HTTP proxy location whose nodes may not hold
+    the service's class: every request body (prompts, inputs) passes through the proxy.
+
+    Ray places its proxies itself, without label selectors: ``HeadOnly`` on the head,
+    ``EveryNode`` on the head and every node that runs a replica of *any* application (and
+    a client may call any of them), so ``EveryNode`` is allowed only where every site may
+    hold the class. ``Disabled`` starts no proxy (handles only).
+    """
+    where = config.http.proxy_location
+    if where == "Disabled":
+        return
+    head = topology.head.site
+    if where == "HeadOnly":
+        limit = topology.sites[head].max_data_class
+        if limit >= cls:
+            return
+        message = (f"service {config.name!r} serves {cls.value} models, but its HTTP proxy "
+                   f"(proxy_location: HeadOnly) runs on the head at site {head}, which may "
+                   f"hold up to {limit.value}, and sees every request body")
+        fix = (f"serve it from a cluster whose head is at a site that may hold {cls.value}, "
+               "or set http.proxy_location: Disabled and call the models through Ray Serve "
+               "handles from allowed sites")
+    else:
+        low = [s for s, site in topology.sites.items() if site.max_data_class < cls]
+        if not low:
+            return
+        message = (f"service {config.name!r} serves {cls.value} models, but proxy_location: "
+                   f"EveryNode lets Ray run an HTTP proxy, which sees every request body, on "
+                   f"nodes at {', '.join(low)}, which may not hold {cls.value}")
+        fix = ("set http.proxy_location: HeadOnly (the head is at site "
+               f"{head}, which may hold {topology.sites[head].max_data_class.value})"
+               if topology.sites[head].max_data_class >= cls else
+               "set http.proxy_location: Disabled and call the models through Ray Serve "
+               "handles from allowed sites")
+    error = PlacementRefused(message, rule="residency", fix=fix)
+    if audit is not None:
+        audit.refusal(error, what="serve http proxy", service=config.name,
+                      data_class=cls.value, proxy_location=where, cluster=topology.name)
+    raise error
 
 
 # ---- models -----------------------------------------------------------------------------

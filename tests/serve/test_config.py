@@ -105,12 +105,53 @@ models:
     assert "gpt@v1 at onprem" not in str(err.value)       # only the cloud is refused
     refusals = audit.read("refusal", source="serve")
     assert refusals and refusals[0]["data_class"] == "restricted"
-    ok = plan_service(parse_serve_config(text, overrides=["models.0.sites={onprem: {}}"]),
+    ok = plan_service(parse_serve_config(text, overrides=["models.0.sites={onprem: {}}",
+                                                          "http.proxy_location=HeadOnly"]),
                       local_topology(), audit=audit)
     assert [r.site for r in ok.replicas] == ["onprem"]
     assert ok.data_class.value == "restricted" and ok.ingress_sites == ["onprem"]
     # a run directory resolves to its newest checkpoint
     assert ok.replicas[0].spec["source"].endswith("checkpoint_000001")
+
+
+def test_the_http_proxy_runs_only_where_the_services_class_may_be_held(lm_checkpoint,
+                                                                        tmp_path):
+    """Request bodies pass through Serve's HTTP proxy, which Ray places itself: a proxy
+    location whose nodes may not hold the service's class is refused, audited."""
+    from hybridray.audit import AuditLog
+
+    text = f"""
+name: lm
+models:
+  - name: gpt
+    kind: completion
+    source: {lm_checkpoint.parent}
+    sites: {{onprem: {{}}}}
+"""
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    # the default, EveryNode: proxies may come up at cloud-a and cloud-b
+    with pytest.raises(PlacementRefused, match="EveryNode") as err:
+        plan_service(parse_serve_config(text), local_topology(), audit=audit)
+    assert err.value.rule == "residency" and "cloud-a, cloud-b" in err.value.message
+    assert "proxy_location: HeadOnly" in err.value.fix          # the head is on-prem
+    got = audit.read("refusal", what="serve http proxy")
+    assert got and got[-1]["proxy_location"] == "EveryNode" and got[-1]["data_class"] == \
+        "restricted"
+    # HeadOnly, with the head at a cloud site that may hold only internal: refused too
+    topo = local_topology()
+    topo = topo.model_copy(update={"head": topo.head.model_copy(update={"site": "cloud-b"})})
+    with pytest.raises(PlacementRefused, match="head at site cloud-b") as err:
+        plan_service(parse_serve_config(text, overrides=["http.proxy_location=HeadOnly"]),
+                     topo)
+    assert "Disabled" in err.value.fix
+    # on-prem head: served; no HTTP at all: served anywhere the replicas may be
+    for where in ("HeadOnly", "Disabled"):
+        plan = plan_service(parse_serve_config(
+            text, overrides=[f"http.proxy_location={where}"]), local_topology())
+        assert [r.site for r in plan.replicas] == ["onprem"]
+    # an internal service may use EveryNode here: every site may hold internal
+    assert plan_service(parse_serve_config(EMBED), local_topology()).data_class.value in (
+        "public", "internal")
 
 
 def test_a_training_run_directory_serves_its_newest_complete_checkpoint(tmp_path):
@@ -129,7 +170,8 @@ models:
     source: {run}
     sites: {{onprem: {{}}}}
 """
-    plan = plan_service(parse_serve_config(text), local_topology())
+    plan = plan_service(parse_serve_config(text, overrides=["http.proxy_location=HeadOnly"]),
+                        local_topology())
     assert plan.replicas[0].spec["source"].endswith("/checkpoint-00000010")
 
 

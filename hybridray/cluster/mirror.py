@@ -137,6 +137,7 @@ def drain_events(view: Any, audit: AuditLog, name: str) -> int:
     """
     keys = sorted(view.kv_keys(EVENT_PREFIX))[:MAX_DRAIN]
     moved = 0
+    seen: set[str] | None = None     # rids already in ``audit`` (read once, when needed)
     for key in keys:
         raw = view.kv_get(key)
         if raw is not None:
@@ -144,11 +145,14 @@ def drain_events(view: Any, audit: AuditLog, name: str) -> int:
                 rec = json.loads(raw)
             except ValueError:
                 rec = {"event": "unreadable", "raw": raw[:200].decode(errors="replace")}
-            event = rec.pop("event", "event")
-            rec.pop("ts", None)
-            rec.setdefault("cluster", name)
-            audit.record(event, **rec, queued=True)
-            moved += 1
+            if rec.get("rid") and seen is None:
+                seen = {r["rid"] for r in audit if r.get("rid")}
+            if not (rec.get("rid") and rec["rid"] in seen):   # written here by the worker
+                event = rec.pop("event", "event")
+                rec.pop("ts", None)
+                rec.setdefault("cluster", name)
+                audit.record(event, **rec, queued=True)
+                moved += 1
         view.kv_del(key)
     return moved
 

@@ -56,7 +56,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--version", type=int, help="a kept version (default: the current one)")
     v.add_argument("--full", action="store_true", help="also decode every page (CRC checks)")
     v.add_argument("--local", action="store_true",
-                   help="read in this process instead of in tasks at the dataset's site")
+                   help="read in this process instead of in tasks at the dataset's site "
+                        "(sha256 and size only unless this machine's site may hold the "
+                        "dataset's class; --full is refused there)")
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=run_verify)
 
@@ -111,9 +113,10 @@ def run_verify(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.__dict__, indent=2))
     else:
+        where = "in this process" if report.site == "this process" else f"at {report.site}"
         print(f"{report.address} version {report.version}: {report.parts} parts, "
-              f"{report.rows:,} rows, {report.bytes:,} bytes verified at {report.site} in "
-              f"{report.seconds:.1f}s: OK")
+              f"{report.rows:,} rows, {report.bytes:,} bytes verified ({report.checked}) "
+              f"{where} in {report.seconds:.1f}s: OK")
     return 0
 
 

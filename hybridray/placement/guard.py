@@ -105,9 +105,13 @@ def audit_violation(error: Exception, **fields: Any) -> None:
     """Append a guard violation to the audit log of the cluster this node belongs to.
 
     Written where the violation happened, to ``$HYBRIDRAY_HOME/audit/CLUSTER.jsonl`` of that
-    host (on one machine: the driver's own log). Never raises: the refusal itself matters more.
+    host (on one machine: the driver's own log). In a worker it is also queued in Ray's KV
+    (``cluster.mirror``) under the same ``rid``, so a violation on another host reaches the
+    operator's log at the next ``hybridray status``/``audit`` drain, and one on the operator's
+    host is not written twice. Never raises: the refusal itself matters more.
     """
     import contextlib
+    import secrets
 
     from hybridray.audit import AuditLog
 
@@ -116,9 +120,19 @@ def audit_violation(error: Exception, **fields: Any) -> None:
         os.environ.get("HYBRIDRAY_CLUSTER")
     if not cluster:
         return
+    worker = in_worker()
+    if worker:
+        import socket
+
+        fields.update(rid=secrets.token_hex(8), host=socket.gethostname())
     with contextlib.suppress(Exception):
-        AuditLog.for_cluster(cluster).refusal(error, worker=in_worker(), cluster=cluster,
-                                              **fields)
+        rec = AuditLog.for_cluster(cluster).refusal(error, worker=worker, cluster=cluster,
+                                                    **fields)
+        if worker:
+            from hybridray.cluster import mirror
+
+            mirror.queue_event(rec.pop("event"), **{k: v for k, v in rec.items()
+                                                    if k not in ("ts", "pid")})
 
 
 def guarded(data_class: DataClass | str, options: dict[str, Any] | None = None

@@ -10,7 +10,11 @@ already ciphertext.
 
 A ``KeyRing`` carries just the master keys a task needs and is what travels to Ray workers;
 a production deployment would swap ``ClusterKms`` for a client of its real KMS (Vault, AWS
-KMS) behind the same two methods.
+KMS) behind the same two methods. It records the class of the data its keys open, and when
+it is unpickled inside a Ray worker (a task argument) it runs the residency guard first: on
+a node that may not hold that class (or a drift node) it refuses to come alive
+(``ResidencyViolation``, audited as ``decryption keys``), so keys handed by mistake to work
+at the wrong site are never usable there.
 """
 
 from __future__ import annotations
@@ -31,6 +35,10 @@ class KeyRing:
     cluster: str
     keys: dict[str, bytes] = field(repr=False)
     footer_key: str | None = None
+    data_class: str | None = None   # of the data these keys open (None: not guarded)
+
+    def __reduce__(self):
+        return _restore_key_ring, (self.cluster, self.keys, self.footer_key, self.data_class)
 
     def encryption_properties(self):
         """``FileEncryptionProperties`` for a new file, or None without a footer key."""
@@ -66,6 +74,17 @@ class KeyRing:
         import pyarrow.parquet.encryption as pe
 
         return pe.KmsConnectionConfig(kms_instance_id=f"hybridray-{self.cluster}")
+
+
+def _restore_key_ring(cluster: str, keys: dict[str, bytes], footer_key: str | None,
+                      data_class: str | None) -> KeyRing:
+    """Unpickle a ``KeyRing``; in a Ray worker, only where its data class may be held."""
+    if data_class is not None:
+        from hybridray.placement.guard import check_residency, in_worker
+
+        if in_worker():
+            check_residency(data_class, what="decryption keys")
+    return KeyRing(cluster, keys, footer_key, data_class)
 
 
 def cluster_kms(keys: dict[str, bytes]):
@@ -126,9 +145,10 @@ def _build_kms_class():
 
 
 def key_ring(secrets, *, footer_site: str | None = None,
-             read_ids: list[str] | tuple[str, ...] = ()) -> KeyRing:
+             read_ids: list[str] | tuple[str, ...] = (), data_class=None) -> KeyRing:
     """A ``KeyRing`` from ``ClusterSecrets``: to encrypt at ``footer_site`` and/or to read
-    files whose manifests name ``read_ids``."""
+    files whose manifests name ``read_ids``, holding data of ``data_class``."""
     footer = secrets.master_key_id(footer_site) if footer_site else None
     ids = sorted({*read_ids, *([footer] if footer else [])})
-    return KeyRing(secrets.cluster, secrets.master_keys(ids) if ids else {}, footer)
+    cls = getattr(data_class, "value", data_class)
+    return KeyRing(secrets.cluster, secrets.master_keys(ids) if ids else {}, footer, cls)

@@ -254,7 +254,8 @@ def open_dataset(address: str, *, cluster=None, topology: Topology | None = None
     manifest = DatasetStore(store, secrets.signing_key()).manifest(version)  # signed by us
     keys = None
     if manifest.encryption:
-        keys = key_ring(secrets, read_ids=[manifest.encryption["footer_key"]])
+        keys = key_ring(secrets, read_ids=[manifest.encryption["footer_key"]],
+                        data_class=manifest.data_class)
     return CommittedDataset(addr, store, manifest, keys, topology=topology, cluster=cluster)
 
 

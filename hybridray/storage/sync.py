@@ -144,8 +144,10 @@ class _Run:
         encrypt = dst_site.storage.encrypt_at_rest
         read_ids = [source.manifest.encryption["footer_key"]] if (
             source.manifest and source.manifest.encryption) else []
-        src_keys = key_ring(secrets, read_ids=read_ids) if read_ids else None
-        dst_keys = key_ring(secrets, footer_site=self.dst.site) if encrypt else None
+        src_keys = key_ring(secrets, read_ids=read_ids, data_class=src_class) \
+            if read_ids else None
+        dst_keys = key_ring(secrets, footer_site=self.dst.site, data_class=out_class) \
+            if encrypt else None
         salt = secrets.salt() if spec else None
         masking_fp = spec.fingerprint(secrets.salt_id()) if spec else None
         transform = plan_mod.transform_fp(masking_fp, dst_keys.footer_key if dst_keys else None,

@@ -3,7 +3,10 @@ manifest (sha256, size, rows, schema), at the site that stores it.
 
 The reads run as Ray tasks placed at the dataset's site (with the manifest's data class, so
 they land only on nodes allowed to hold it, and without pulling the bytes over a link). With
-no Ray connection, or ``local=True``, they run in this process instead.
+no Ray connection, or ``local=True``, they run in this process instead, under the residency
+rule of a driver: decoding pages (``full``) is refused unless this process runs at a site
+that may hold the dataset's class, and without that a local check compares sha256 and size
+only (it never opens a key or a page).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ class VerifyReport:
     seconds: float
     problems: list[str] = field(default_factory=list)
     site: str = ""
+    checked: str = "sha256, size, rows, schema"
 
     @property
     def ok(self) -> bool:
@@ -64,9 +68,16 @@ def verify_dataset(address: str, *, cluster=None, version: int | None = None,
                 "schema_fp": m.schema_.fingerprint} for p in m.parts]
     ctx = P.DestContext(ds.store, ds.address.site, ds.address.site, m.data_class,
                         cluster.name if cluster else "", ds.keys)
+    where, checked = ds.address.site, "sha256, size, rows, schema" + (", pages" if full else "")
     if local or not ray.is_initialized():
+        decode = True
+        if full:
+            ds._check_here(None)     # decoding here: refused (audited) where it may not be held
+        elif not _may_hold_here(m.data_class):
+            decode, checked = False, "sha256, size"    # bytes only: no key, no page opened
+        where = "this process"
         results = [r for i in range(0, len(expects), VERIFY_BATCH)
-                   for r in _verify_here(ctx, expects[i:i + VERIFY_BATCH], full)]
+                   for r in _verify_here(ctx, expects[i:i + VERIFY_BATCH], full, decode=decode)]
     else:
         placement = cluster.place(Workload(
             name=f"verify {ds.address}", kind="data", cpus=1, data_classes=(m.data_class,),
@@ -79,11 +90,11 @@ def verify_dataset(address: str, *, cluster=None, version: int | None = None,
         results = [r for batch in _get(refs) for r in batch]
     problems = [f"{ds.address}/{r['path']}: {p}" for r in results for p in r["problems"]]
     report = VerifyReport(str(ds.address), m.version, len(m.parts), m.rows, m.bytes,
-                          time.perf_counter() - started, problems, ds.address.site)
+                          time.perf_counter() - started, problems, where, checked)
     if cluster is not None:
         cluster.audit.record("verify", address=str(ds.address), version=m.version,
                              parts=len(m.parts), ok=report.ok, problems=problems[:50],
-                             cluster=cluster.name)
+                             checked=checked, where=where, cluster=cluster.name)
     if problems and raise_on_error:
         raise IntegrityError(f"{ds.address} version {m.version}: {len(problems)} problem(s) "
                              f"in {len(m.parts)} part(s); rewrite them from the source with "
@@ -91,8 +102,20 @@ def verify_dataset(address: str, *, cluster=None, version: int | None = None,
     return report
 
 
-def _verify_here(ctx, expects, full):
-    """``verify_parts`` without the node check (this process is not a Ray worker)."""
+def _may_hold_here(data_class) -> bool:
+    """Whether this process (a driver: its recorded site) may hold ``data_class``; no audit
+    (nothing is refused: the check just stays on the bytes)."""
+    from hybridray import labels as L
+    from hybridray.placement.guard import current_node_labels
+    from hybridray.topology.models import DataClass
+
+    limit = current_node_labels().get(L.MAX_DATA_CLASS)
+    return limit is not None and DataClass(limit) >= DataClass(data_class)
+
+
+def _verify_here(ctx, expects, full, *, decode: bool = True):
+    """``verify_parts`` in this process (not a Ray worker; the caller checked residency).
+    Without ``decode`` only sha256 and size are compared: no key, no page is opened."""
     import hashlib
 
     from hybridray.exceptions import DataError
@@ -106,6 +129,6 @@ def _verify_here(ctx, expects, full):
             out.append({"path": part["path"], "problems": [str(e)]})
             continue
         out.append({"path": part["path"], "problems": check_bytes(data, part, ctx.keys,
-                                                                  full=full),
+                                                                  full=full, parse=decode),
                     "sha256": hashlib.sha256(data).hexdigest()})
     return out

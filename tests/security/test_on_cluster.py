@@ -225,6 +225,103 @@ def test_a_hand_edited_manifest_is_refused_by_readers_and_sync(hr_cluster, raw):
     assert failed["outcome"] == "failed" and "signature" in failed["error"]
 
 
+def test_decryption_keys_come_alive_only_where_their_class_may_be_held(hr_cluster, raw):
+    """Keys travel in task arguments; a key ring unpickled in a worker at a site that may not
+    hold its data's class refuses to come alive (audited), and a real dataset's keys carry
+    its class, so its placed reads decrypt where they may."""
+    import ray
+
+    from hybridray.storage.encryption import key_ring
+    from hybridray.storage.secrets import ClusterSecrets
+
+    def holds(ring):
+        return where_am_i(), sorted(ring.keys)
+
+    def at(site):
+        return ray.remote(holds).options(num_cpus=0.25, max_retries=0,
+                                         label_selector={L.SITE: site})
+
+    secrets = ClusterSecrets(hr_cluster.name, hr_cluster.state.home)
+    ring = key_ring(secrets, footer_site="cloud-b", data_class="restricted")
+    assert ray.get(at("onprem").remote(ring)) == ("onprem", [ring.footer_key])
+    before = len(_refusals(hr_cluster, what="decryption keys"))
+    with pytest.raises(Exception, match="may hold up to internal"):
+        ray.get(at("cloud-b").remote(ring))
+    got = _refusals(hr_cluster, what="decryption keys")[before:]
+    assert [(r["site"], r["data_class"], r["rule"]) for r in got] == [
+        ("cloud-b", "restricted", "residency")]
+    # an encrypted (internal) copy at cloud-b: its key ring says internal and its placed
+    # reads decrypt it, every one of them on a node that may hold internal
+    dest = f"cloud-b:datasets/keys-{uuid.uuid4().hex[:6]}"
+    sync_dataset(f"onprem:{raw}", dest, cluster=hr_cluster, data_class="restricted",
+                 mask=FULL_MASK)
+    ds = open_dataset(dest, cluster=hr_cluster)
+    assert ds.manifest.encryption and ds.keys.data_class == "internal"
+    assert ds.to_ray().count() == ROWS
+    assert len(_refusals(hr_cluster, what="decryption keys")) == before + 1
+
+
+def test_a_local_verify_opens_no_page_where_the_class_may_not_be_held(hr_cluster, raw):
+    """``verify --local`` in a driver at a site below the class: ``full`` (decoding pages)
+    is refused and audited; the plain check compares sha256 and size only, and still
+    catches a flipped byte."""
+    from hybridray.placement.guard import set_driver_site
+
+    address = f"onprem:datasets/lv-{uuid.uuid4().hex[:6]}"
+    sync_dataset(f"onprem:{raw}", address, cluster=hr_cluster, data_class="restricted")
+    full = verify_dataset(address, cluster=hr_cluster, local=True, full=True)
+    assert full.ok and full.checked.endswith("pages") and full.site == "this process"
+    set_driver_site("cloud-b", "internal", hr_cluster.name)   # a driver at cloud-b
+    try:
+        with pytest.raises(ResidencyViolation, match="site cloud-b may hold up to internal"):
+            verify_dataset(address, cluster=hr_cluster, local=True, full=True)
+        assert _refusals(hr_cluster, what="dataset read")[-1]["dataset"] == address
+        report = verify_dataset(address, cluster=hr_cluster, local=True)
+        assert report.ok and report.checked == "sha256, size"
+        root = _onprem_root(hr_cluster) / address.split(":", 1)[1]
+        part = root / open_dataset(address, cluster=hr_cluster).manifest.parts[0].path
+        blob = bytearray(part.read_bytes())
+        blob[50] ^= 0xFF
+        part.write_bytes(bytes(blob))
+        with pytest.raises(IntegrityError, match="sha256"):
+            verify_dataset(address, cluster=hr_cluster, local=True)
+    finally:
+        set_driver_site("onprem", "restricted", hr_cluster.name)
+    assert hr_cluster.audit.read("verify", address=address)[-1]["checked"] == "sha256, size"
+
+
+def test_a_guard_violation_on_another_host_reaches_the_operators_log_once(hr_cluster, tmp_path):
+    """A worker writes its violation to its own host's log and queues it in Ray's KV; the
+    next drain (``hybridray audit``/``status``) brings one on another host into the
+    operator's log, and does not repeat one the operator's host already holds."""
+    import ray
+
+    from hybridray.audit import AuditLog
+    from hybridray.cluster import mirror
+
+    def touch():
+        from hybridray.placement.guard import check_residency
+
+        check_residency("restricted", what="guard")
+
+    other = tmp_path / "other-host-home"   # the HYBRIDRAY_HOME of a host elsewhere
+    opts = dict(num_cpus=0.25, max_retries=0, label_selector={L.SITE: "cloud-b"})
+    for env in ({"HYBRIDRAY_HOME": str(other)}, {}):
+        with pytest.raises(Exception, match="may hold up to internal"):
+            ray.get(ray.remote(touch).options(**opts, runtime_env={"env_vars": env}).remote())
+    there = AuditLog.for_cluster(hr_cluster.name, other).read("refusal")
+    assert len(there) == 1 and there[0]["worker"] and there[0]["rid"]
+    far = there[0]["rid"]
+    mine = [r for r in hr_cluster.audit.read("refusal", what="guard") if r.get("rid")]
+    near = mine[-1]["rid"]
+    assert near != far and not [r for r in mine if r["rid"] == far]
+    mirror.drain(hr_cluster.state)
+    rids = [r.get("rid") for r in hr_cluster.audit.read("refusal")]
+    assert rids.count(far) == 1 and rids.count(near) == 1
+    drained = [r for r in hr_cluster.audit.read("refusal") if r.get("rid") == far][0]
+    assert drained["queued"] and drained["site"] == "cloud-b" and drained["fix"]
+
+
 # ---- masks -------------------------------------------------------------------------------
 
 def test_masks_must_cover_every_column_and_say_what_they_did(hr_cluster, patients):

@@ -45,6 +45,22 @@ STATE_TIMEOUT_S = 10
 _LIMIT = 10_000
 
 
+def add_wait_args(p, holders: str) -> None:
+    """``--queue`` and ``--wait-timeout`` of a command that may wait for CPUs ``holders``
+    hold (``hybridray train``, ``hybridray sync``); ``apply_wait_args`` reads them."""
+    p.add_argument("--queue", action="store_true",
+                   help=f"wait for CPUs that {holders} hold now instead of being refused")
+    p.add_argument("--wait-timeout", type=float, metavar="SECONDS",
+                   help="give up waiting for resources after this long (default: "
+                        f"${WAIT_TIMEOUT_ENV} or {DEFAULT_WAIT_TIMEOUT_S:g})")
+
+
+def apply_wait_args(args) -> None:
+    """Make ``--wait-timeout`` this process's deadline (checked: > 0)."""
+    if args.wait_timeout is not None:
+        os.environ[WAIT_TIMEOUT_ENV] = str(wait_timeout(args.wait_timeout))
+
+
 def wait_timeout(value: float | None = None) -> float:
     """The deadline in seconds: ``value``, else ``$HYBRIDRAY_WAIT_TIMEOUT_S``, else 600."""
     if value is not None:

@@ -15,6 +15,7 @@ import json
 import os
 
 from hybridray.exceptions import ClusterNotFound
+from hybridray.waiting import add_wait_args, apply_wait_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,12 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="target size of a re-encoded part (default: 64; 0: one row group each)")
     p.add_argument("--cpus", type=float, default=1.0,
                    help="CPUs per read and per write task (default: 1)")
-    p.add_argument("--queue", action="store_true",
-                   help="wait for CPUs that actors hold at either site instead of being "
-                        "refused")
-    p.add_argument("--wait-timeout", type=float, metavar="SECONDS",
-                   help="give up waiting for resources after this long (default: "
-                        "$HYBRIDRAY_WAIT_TIMEOUT_S or 600)")
+    add_wait_args(p, "actors at either site")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run_sync)
 
@@ -82,10 +78,7 @@ def run_sync(args: argparse.Namespace) -> int:
     from hybridray.storage.report import print_summary
     from hybridray.storage.sync import sync_dataset
 
-    if args.wait_timeout is not None:
-        from hybridray.waiting import WAIT_TIMEOUT_ENV, wait_timeout
-
-        os.environ[WAIT_TIMEOUT_ENV] = str(wait_timeout(args.wait_timeout))
+    apply_wait_args(args)
     cluster = hybridray.connect(args.cluster)
     result = sync_dataset(args.source, args.destination, cluster=cluster, mask=args.mask,
                           data_class=args.data_class, overwrite=args.overwrite,

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections import Counter
 from typing import Any
 
 from hybridray.commands.validate import one_file
 from hybridray.train.config import WAN_MODES
+from hybridray.waiting import add_wait_args, apply_wait_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,12 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     again.add_argument("--new-run", action="store_true",
                        help="start a new run NAME-YYYYmmdd-HHMMSS whatever checkpoints NAME "
                             "has (train.resume=never)")
-    p.add_argument("--queue", action="store_true",
-                   help="wait for CPUs that Serve replicas or other runs hold now instead of "
-                        "being refused (train.queue=true)")
-    p.add_argument("--wait-timeout", type=float, metavar="SECONDS",
-                   help="give up waiting for resources after this long (default: "
-                        "$HYBRIDRAY_WAIT_TIMEOUT_S or 600)")
+    add_wait_args(p, "Serve replicas or other runs")
     p.add_argument("--no-progress", action="store_true", help="no live progress display")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)
@@ -62,10 +57,7 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"train.resume={'always' if args.resume else 'never'}")
     if args.queue:
         overrides.append("train.queue=true")
-    if args.wait_timeout is not None:
-        from hybridray.waiting import WAIT_TIMEOUT_ENV, wait_timeout
-
-        os.environ[WAIT_TIMEOUT_ENV] = str(wait_timeout(args.wait_timeout))
+    apply_wait_args(args)
     config = load_train_config(path, overrides)   # every config problem before connecting
 
     from hybridray.api import connect

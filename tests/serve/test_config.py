@@ -86,18 +86,23 @@ def test_plan_pins_each_site_and_its_data_class(lm_checkpoint):
     assert "t" * 20 not in str(schema)         # only digests leave the machine
 
 
-def test_restricted_model_is_refused_at_a_cloud_and_the_refusal_is_audited(lm_checkpoint,
-                                                                           tmp_path):
-    from hybridray.audit import AuditLog
-
-    text = f"""
+def _lm(checkpoint, sites: str) -> str:
+    """A serve file for the test language model (a restricted checkpoint) at ``sites``."""
+    return f"""
 name: lm
 models:
   - name: gpt
     kind: completion
-    source: {lm_checkpoint.parent}
-    sites: {{onprem: {{}}, cloud-a: {{}}}}
+    source: {checkpoint.parent}
+    sites: {sites}
 """
+
+
+def test_restricted_model_is_refused_at_a_cloud_and_the_refusal_is_audited(lm_checkpoint,
+                                                                           tmp_path):
+    from hybridray.audit import AuditLog
+
+    text = _lm(lm_checkpoint, "{onprem: {}, cloud-a: {}}")
     audit = AuditLog(tmp_path / "audit.jsonl")
     with pytest.raises(PlacementRefused) as err:
         plan_service(parse_serve_config(text), local_topology(), audit=audit)
@@ -120,14 +125,7 @@ def test_the_http_proxy_runs_only_where_the_services_class_may_be_held(lm_checkp
     location whose nodes may not hold the service's class is refused, audited."""
     from hybridray.audit import AuditLog
 
-    text = f"""
-name: lm
-models:
-  - name: gpt
-    kind: completion
-    source: {lm_checkpoint.parent}
-    sites: {{onprem: {{}}}}
-"""
+    text = _lm(lm_checkpoint, "{onprem: {}}")
     audit = AuditLog(tmp_path / "audit.jsonl")
     # the default, EveryNode: proxies may come up at cloud-a and cloud-b
     with pytest.raises(PlacementRefused, match="EveryNode") as err:

@@ -472,4 +472,21 @@ def _remove_runtime(state: ClusterState) -> None:
     shutil.rmtree(state.state_dir / "tls", ignore_errors=True)  # a CA made by up --tls
     temp = state.temp_dir
     if temp.startswith("/tmp/hr-") and os.path.isdir(temp) and not os.path.islink(temp):
+        _keep_autoscaler_logs(temp, state.state_dir / "logs")
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def _keep_autoscaler_logs(temp: str, logs: Path) -> None:
+    """Ray's autoscaler (and the elastic provider inside it) logs only into the head's
+    session directory, which goes with the temp dir: keep its logs beside the nodes' own for
+    a post-mortem of an elastic pool (``logs/autoscaler/``)."""
+    import glob
+
+    found = glob.glob(f"{temp}/0/session_*/logs/monitor.*")
+    if not found:
+        return
+    out = logs / "autoscaler"
+    out.mkdir(parents=True, exist_ok=True)
+    for path in found:
+        with contextlib.suppress(OSError):
+            shutil.copy2(path, out / os.path.basename(path))

@@ -2,10 +2,10 @@
 
 Waiting for the first task to make Ray add a node costs a node's start-up time at the moment
 the work arrives. When the work is known ahead (a plan, a training next hour), the nodes can be
-asked for first: ``ray.autoscaler.sdk.request_resources(bundles=..., bundle_label_selectors=
-...)`` tells Ray's autoscaler to keep room for those bundles, and a bundle's label selector
-(``hybridray.io/site`` and ``hybridray.io/pool``) is what makes it add the node at the right
-site. The request stays until it is replaced or cleared (``hybridray scale NAME --clear``);
+asked for first: a resource request of bundles with label selectors tells Ray's autoscaler to
+keep room for them, and a bundle's label selector (``hybridray.io/site`` and
+``hybridray.io/pool``) is what makes it add the node at the right site. The request goes
+through Ray's ``AutoscalingCoordinator`` (see ``REQUESTER`` below for why). The request stays until it is replaced or cleared (``hybridray scale NAME --clear``);
 after that the nodes stop when idle, like any other. Every request is audited.
 
 Ray decides; this module only turns "N nodes of SITE.POOL" (given, or from a cost plan) into
@@ -152,18 +152,58 @@ def bundles(topology: Topology, requests: list[PoolRequest], avoid: Iterable[str
     return out_b, out_s
 
 
+# Ray keeps ONE cluster resource constraint per cluster, and ``request_resources`` replaces
+# it. Ray Data and Ray Train share it through Ray's ``AutoscalingCoordinator`` (a detached
+# actor, created the first time either asks for resources), which re-sends the merge of its
+# requesters' requests every 20 s, an empty one when it has none. A plain
+# ``request_resources`` of ours was therefore wiped within 20 s on any cluster that had run a
+# Ray Data pipeline or a Train run: before the node launched, or while it idled (seen in CI
+# as a node never launched, and as one stopped 7 s after its launch). So hybridray asks
+# through the coordinator too, as one more requester, and its request lasts until replaced
+# or cleared (an expiry of years).
+REQUESTER = "hybridray-scale:{cluster}"
+NEVER_EXPIRES_S = 10 * 365 * 24 * 3600.0
+COORDINATOR_TIMEOUT_S = 30.0
+
+
 def request(topology: Topology, requests: list[PoolRequest], *, audit: AuditLog,
             source: str, avoid: Iterable[str] = ()) -> dict[str, Any]:
     """Ask Ray's autoscaler (this process must be connected to the cluster) for the
     requested nodes, replacing any earlier request; an empty list clears it. Audited.
-    ``avoid``: drift node ids no bundle may count on."""
-    from ray.autoscaler.sdk import request_resources
+    ``avoid``: drift node ids no bundle may count on.
+
+    The request goes through Ray's ``AutoscalingCoordinator`` (see ``REQUESTER``), merged
+    with what Ray Data and Ray Train ask for, so neither wipes it."""
+    import ray
 
     avoid = sorted(avoid)
     shapes, selectors = bundles(topology, requests, avoid)
-    request_resources(bundles=shapes, bundle_label_selectors=selectors)
+    coordinator = _coordinator()
+    requester = REQUESTER.format(cluster=topology.name)
+    if coordinator is None:       # a Ray without the coordinator: the single constraint
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=shapes, bundle_label_selectors=selectors)
+    elif shapes:
+        ray.get(coordinator.request_resources.remote(
+            requester_id=requester, resources=shapes, expire_after_s=NEVER_EXPIRES_S,
+            label_selectors=selectors), timeout=COORDINATOR_TIMEOUT_S)
+    else:
+        ray.get(coordinator.cancel_request.remote(requester), timeout=COORDINATOR_TIMEOUT_S)
     return audit.record(
         "scale-request", cluster=topology.name, source=source, bundles=len(shapes),
-        avoided=avoid,
+        avoided=avoid, via="coordinator" if coordinator is not None else "request_resources",
         pools=[{"site": r.site, "pool": r.pool, "node_type": r.node_type, "nodes": r.nodes,
                 "note": r.note} for r in requests])
+
+
+def _coordinator():
+    """Ray's ``AutoscalingCoordinator`` actor (created if it is not running yet), or None
+    when this Ray has none (it is internal to Ray Data; present in Ray 2.60)."""
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator,
+        )
+    except ImportError:
+        return None
+    return get_or_create_autoscaling_coordinator()

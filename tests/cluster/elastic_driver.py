@@ -237,7 +237,25 @@ def spot(cluster, marker_dir: str) -> dict:
             "markers": sorted(os.listdir(marker_dir))}
 
 
-SCENARIOS = {"restricted": restricted, "burst": burst, "spot": spot}
+def coordinator(cluster) -> dict:
+    """What Ray Data does when a pipeline starts and ends: a request of its own through
+    Ray's AutoscalingCoordinator, then its cancellation. Each re-sends the merged request to
+    the autoscaler at once (the coordinator also does every 20 s); a request that did not go
+    through the coordinator is replaced by that merge."""
+    import ray
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+        get_or_create_autoscaling_coordinator,
+    )
+
+    coord = get_or_create_autoscaling_coordinator()
+    ray.get(coord.request_resources.remote(requester_id="test-ray-data",
+                                           resources=[{"CPU": 1}], expire_after_s=60))
+    ray.get(coord.cancel_request.remote("test-ray-data"))
+    return {"merged": True}
+
+
+SCENARIOS = {"restricted": restricted, "burst": burst, "spot": spot,
+             "coordinator": coordinator}
 
 
 def main() -> None:

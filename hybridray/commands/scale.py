@@ -5,8 +5,9 @@
     hybridray scale elastic --plan plan.json                 # what the cost plan needs, on average
     hybridray scale elastic --clear                          # drop the request; idle nodes stop
 
-The request goes through ``ray.autoscaler.sdk.request_resources`` with one label selector per
-bundle (site and pool), replaces the previous one, and is written to the audit log.
+The request (one bundle and label selector per node: site and pool) goes through Ray's
+``AutoscalingCoordinator``, merged with Ray Data's and Ray Train's requests
+(``hybridray.cluster.scale``), replaces hybridray's previous one, and is audited.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "scale", help="pre-provision elastic pools through Ray's autoscaler",
         description="Ask Ray's autoscaler to keep nodes of elastic pools ready "
-                    "(request_resources with per-bundle label selectors). Replaces the "
+                    "(bundles with label selectors, through Ray's AutoscalingCoordinator). Replaces the "
                     "previous request; --clear drops it, and idle nodes then stop.")
     p.add_argument("name", help="a running cluster (hybridray status lists them)")
     p.add_argument("--nodes", action="append", default=[], metavar="SITE.POOL=N",

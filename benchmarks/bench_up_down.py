@@ -10,9 +10,10 @@ another (each returns once its node has registered), and ``ray stop`` with its d
 period (16 s) done exactly as ``ray stop`` does it, restricted to those processes (``ray
 stop`` itself would stop every Ray process on the machine): three buckets in order (raylets;
 every other process; the GCS), each sent SIGTERM, waited for up to a third of the grace
-period (``psutil.wait_procs``, which returns as soon as all are gone), then SIGKILL. The
-plain nodes get free ports too, or they would collide with any other cluster on the machine,
-but no labels, no token and no per-node isolation. Runs alternate between the two so that
+period (returning as soon as all are gone, as ``psutil.wait_procs`` does), then SIGKILL.
+The plain nodes get free ports too, or they would collide with any other cluster on the
+machine, and one shared auth token (Ray 2.60's head requires one of every node), but no
+labels and no per-node isolation. Runs alternate between the two so that
 both see the same machine load. Prints a Markdown table.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -63,6 +65,12 @@ def bench_plain(tmp: Path) -> tuple[float, float]:
     gcs, dash, client = free_ports(3)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
     env["RAY_USAGE_STATS_ENABLED"] = "0"
+    # Ray 2.60's `ray start --head` turns token auth on: a user joining nodes by hand shares
+    # one token with every `ray start` (as `hybridray up` does), here from a file of its own
+    token = tmp / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
     common = ["--disable-usage-stats", "--temp-dir", temp_dir, "--object-store-memory",
               str(100 * 2**20)]
     commands = [[RAY, "start", "--head", "--port", str(gcs), "--num-cpus", "0",
@@ -95,38 +103,45 @@ RAY_STOP_GRACE_S = 16   # ray stop --grace-period default (Ray 2.60)
 
 def ray_stop(groups: list[tuple[int, int]], grace: float = RAY_STOP_GRACE_S) -> None:
     """What ``ray stop`` does, for the processes of ``groups`` (process group id, start time
-    of its leader: ``ray start`` exits once its daemons run, and they stay in its group)."""
-    import psutil
-
-    procs = []
+    of its leader: ``ray start`` exits once its daemons run, and they stay in its group):
+    SIGTERM the raylets, then the other daemons, then the GCS, each batch given a third of
+    the grace period (returning as soon as all of it is gone, as ``psutil.wait_procs``
+    does), then SIGKILL. Processes are told apart by pid and start time (``/proc``)."""
     members = [pid for pgid, start in groups for pid in group_members(pgid, start)]
-    for pid in tree(members):
-        try:
-            procs.append(psutil.Process(pid))
-        except psutil.Error:
-            pass
+    started = {pid: process_start_time(pid) for pid in tree(members)}
 
-    def bucket(p) -> int:
+    def alive(pid: int) -> bool:
+        return started[pid] is not None and process_start_time(pid) == started[pid]
+
+    def bucket(pid: int) -> int:
         try:
-            name = " ".join(p.cmdline())
-        except psutil.Error:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                name = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
             return 1
         return 0 if "raylet" in name.split(" ")[0] else 2 if "gcs_server" in name else 1
 
+    def signal_all(pids: list[int], sig: int) -> None:
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def wait_gone(pids: list[int], timeout: float) -> list[int]:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = [pid for pid in pids if alive(pid)]
+            if not left or time.monotonic() >= deadline:
+                return left
+            time.sleep(0.05)
+
     for which in (0, 1, 2):
-        todo = [p for p in procs if bucket(p) == which]
-        for p in todo:
-            try:
-                p.terminate()
-            except psutil.Error:
-                pass
-        _, alive = psutil.wait_procs(todo, timeout=grace / 3)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(alive, timeout=2)
+        todo = [pid for pid in started if alive(pid) and bucket(pid) == which]
+        signal_all(todo, signal.SIGTERM)
+        left = wait_gone(todo, grace / 3)
+        signal_all(left, signal.SIGKILL)
+        wait_gone(left, 2)
 
 
 def parser() -> argparse.ArgumentParser:

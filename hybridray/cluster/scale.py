@@ -5,8 +5,9 @@ the work arrives. When the work is known ahead (a plan, a training next hour), t
 asked for first: a resource request of bundles with label selectors tells Ray's autoscaler to
 keep room for them, and a bundle's label selector (``hybridray.io/site`` and
 ``hybridray.io/pool``) is what makes it add the node at the right site. The request goes
-through Ray's ``AutoscalingCoordinator`` (see ``REQUESTER`` below for why). The request stays until it is replaced or cleared (``hybridray scale NAME --clear``);
-after that the nodes stop when idle, like any other. Every request is audited.
+through Ray's ``AutoscalingCoordinator`` (see ``REQUESTER`` below for why) and stays until it
+is replaced or cleared (``hybridray scale NAME --clear``); after that the nodes stop when
+idle, like any other. Every request is audited.
 
 Ray decides; this module only turns "N nodes of SITE.POOL" (given, or from a cost plan) into
 bundles, and refuses what Ray could never satisfy: a static pool, more than ``max``.
@@ -157,8 +158,8 @@ def bundles(topology: Topology, requests: list[PoolRequest], avoid: Iterable[str
 # actor, created the first time either asks for resources), which re-sends the merge of its
 # requesters' requests every 20 s, an empty one when it has none. A plain
 # ``request_resources`` of ours was therefore wiped within 20 s on any cluster that had run a
-# Ray Data pipeline or a Train run: before the node launched, or while it idled (seen in CI
-# as a node never launched, and as one stopped 7 s after its launch). So hybridray asks
+# Ray Data pipeline or a Train run: before the node launched, or while it idled (seen in test
+# runs as a node never launched, and as one stopped 7 s after its launch). So hybridray asks
 # through the coordinator too, as one more requester, and its request lasts until replaced
 # or cleared (an expiry of years).
 REQUESTER = "hybridray-scale:{cluster}"

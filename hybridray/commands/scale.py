@@ -25,8 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "scale", help="pre-provision elastic pools through Ray's autoscaler",
         description="Ask Ray's autoscaler to keep nodes of elastic pools ready "
-                    "(bundles with label selectors, through Ray's AutoscalingCoordinator). Replaces the "
-                    "previous request; --clear drops it, and idle nodes then stop.")
+                    "(bundles with label selectors, through Ray's AutoscalingCoordinator). "
+                    "Replaces the previous request; --clear drops it, and idle nodes then "
+                    "stop.")
     p.add_argument("name", help="a running cluster (hybridray status lists them)")
     p.add_argument("--nodes", action="append", default=[], metavar="SITE.POOL=N",
                    help="keep N nodes of an elastic pool; repeat for more pools")

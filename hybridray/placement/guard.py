@@ -61,6 +61,14 @@ def current_node_labels() -> dict[str, str]:
     return dict(_DRIVER)
 
 
+def may_hold_here(data_class: DataClass | str) -> bool:
+    """Whether the node (in a worker) or driver site (in a driver) this code runs on may hold
+    ``data_class``: the rule of ``check_residency``, without refusing or auditing (for a
+    caller that narrows what it does instead, e.g. ``verify --local``)."""
+    limit = current_node_labels().get(L.MAX_DATA_CLASS)
+    return limit is not None and DataClass(limit) >= DataClass(data_class)
+
+
 def check_residency(data_class: DataClass | str,
                     node_labels: dict[str, str] | None = None, *,
                     what: str = "guard") -> str:

@@ -54,6 +54,7 @@ def verify_dataset(address: str, *, cluster=None, version: int | None = None,
     import ray
 
     from hybridray.placement.compile import task_options
+    from hybridray.placement.guard import may_hold_here
     from hybridray.placement.workload import Workload
     from hybridray.storage import parts as P
 
@@ -73,7 +74,7 @@ def verify_dataset(address: str, *, cluster=None, version: int | None = None,
         decode = True
         if full:
             ds._check_here(None)     # decoding here: refused (audited) where it may not be held
-        elif not _may_hold_here(m.data_class):
+        elif not may_hold_here(m.data_class):
             decode, checked = False, "sha256, size"    # bytes only: no key, no page opened
         where = "this process"
         results = [r for i in range(0, len(expects), VERIFY_BATCH)
@@ -100,17 +101,6 @@ def verify_dataset(address: str, *, cluster=None, version: int | None = None,
                              f"in {len(m.parts)} part(s); rewrite them from the source with "
                              "hybridray sync --checksum SRC DST", problems)
     return report
-
-
-def _may_hold_here(data_class) -> bool:
-    """Whether this process (a driver: its recorded site) may hold ``data_class``; no audit
-    (nothing is refused: the check just stays on the bytes)."""
-    from hybridray import labels as L
-    from hybridray.placement.guard import current_node_labels
-    from hybridray.topology.models import DataClass
-
-    limit = current_node_labels().get(L.MAX_DATA_CLASS)
-    return limit is not None and DataClass(limit) >= DataClass(data_class)
 
 
 def _verify_here(ctx, expects, full, *, decode: bool = True):

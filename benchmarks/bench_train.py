@@ -1,7 +1,7 @@
 """hybridray train (2 Ray Train workers) against plain PyTorch DDP (2 processes), interleaved.
 
-    python benchmarks/bench_train.py                  # 5 repeats of each; target: >= 0.95x
-    python benchmarks/bench_train.py --repeats 7 --steps 400 --cluster local
+    python benchmarks/bench_train.py                  # 7 repeats of each; target: >= 0.95x
+    python benchmarks/bench_train.py --repeats 9 --steps 400 --cluster local
 
 Both sides run the same worker loop (``hybridray.train.loop.run_loop``) on the same model,
 data (the prepared stdlib corpus, read from the on-prem site's storage), seed, batch, steps
@@ -60,12 +60,17 @@ from common import (  # noqa: E402
 )
 
 TARGET = 0.95
+# Seconds between memory samples. Reading PSS walks every process's page tables, from this
+# process: at 2 s it cost about 0.03 of a core beside Ray's ~20 processes (py-spy on this
+# driver: 39 of its 42 samples), CPU taken from the hybridray side's workers and counted
+# in its CPU; the plain side's three processes cost almost nothing to read.
+PSS_S = 5.0
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cluster", help="use this running cluster (default: start one)")
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--micro-batch", type=int, default=16)
     p.add_argument("--size", default="tiny")
     p.add_argument("--block", type=int, default=64)
@@ -73,7 +78,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-interval", type=int, default=100,
                    help="steps between checkpoints (both sides save each; default 100)")
     p.add_argument("--max-files", type=int, default=200)
-    p.add_argument("--repeats", type=int, default=5, help="interleaved repeats of each side")
+    p.add_argument("--repeats", type=int, default=7, help="interleaved repeats of each side")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="one more config override of the hybridray side (e.g. "
+                        "train.worker_niceness=15, Ray's own worker priority); repeatable")
     p.add_argument("--plain-run", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
     return p
 
@@ -87,7 +95,7 @@ def config_overrides(args) -> list[str]:
             f"train.checkpoint_interval={args.checkpoint_interval}", "train.eval_batches=2",
             "train.max_failures=0", "train.resume=never", "train.precision=fp32",
             "wan.mode=fp32", f"data.max_files={args.max_files}",
-            "data.output=onprem:datasets/bench-train", "metrics.progress=false"]
+            "data.output=onprem:datasets/bench-train", "metrics.progress=false", *args.set]
 
 
 def _steady(logs: list[dict]) -> tuple[float, float]:
@@ -106,7 +114,8 @@ def run_hybridray(cluster, state, args) -> dict:
     group = GROUPS.get("hybridray")
     if group:    # every process of the cluster; the workers it starts inherit the group
         group.adopt(tree(n.pid for n in state.nodes))
-    side = ProcessTree(lambda: [n.pid for n in state.nodes], group=group, own=True).start()
+    side = ProcessTree(lambda: [n.pid for n in state.nodes], group=group, own=True,
+                       interval=PSS_S).start()
     started = time.perf_counter()
     r = train({}, cluster, overrides=config_overrides(args), progress=False)
     wall = time.perf_counter() - started
@@ -168,7 +177,7 @@ def run_plain(spec: dict, args) -> dict:
         group = GROUPS.get("plain")
         procs: list[subprocess.Popen] = []
         side = ProcessTree(lambda: [p.pid for p in procs if p.poll() is None],
-                           group=group).start()
+                           group=group, interval=PSS_S).start()
         started = time.perf_counter()
         proc = subprocess.Popen([sys.executable, __file__, "--plain-run", str(spec_path),
                                  str(out_path)], start_new_session=True, env=env,
@@ -230,9 +239,12 @@ def report(section: Section, runs: dict[str, list[dict]], args) -> str:
             f"{', '.join(runs['hybridray'][0]['sites'])}) vs plain PyTorch DDP "
             f"(torch.multiprocessing), {args.size} GPT (block {args.block}), 2 workers x "
             f"micro-batch {args.micro_batch}, {args.steps} steps, a checkpoint every "
-            f"{args.checkpoint_interval}, fp32, Gloo, {args.repeats} interleaved repeats")
+            f"{args.checkpoint_interval}, fp32, Gloo, {args.repeats} interleaved repeats"
+            + (f"; hybridray side also given {', '.join(args.set)}" if args.set else ""))
     how = ("CPU from a cpuacct cgroup per side (exact, exited processes included)"
-           if GROUPS.get("plain") else "CPU from /proc, sampled every 2 s (no cgroup here)")
+           if GROUPS.get("plain") else f"CPU from /proc, sampled every {PSS_S:g} s (no cgroup "
+                                       "here)")
+    how += f"; memory (PSS) sampled every {PSS_S:g} s"
     out = [section.header(f"{what}; {how}"), repeats_table(rows, "measure (per repeat)"), ""]
     for key, label in (("steady", "steady"), ("e2e", "end to end with checkpoints")):
         ratio = median(paired([r[key] for r in runs["hybridray"]],

@@ -41,6 +41,11 @@ DEFAULT_WAIT_TIMEOUT_S = 600.0
 FIRST_REPORT_S = 3.0       # a pending demand younger than this is Ray doing its job
 REPORT_EVERY_S = 15.0
 POLL_S = 1.0
+# Nothing of ours pending for QUIET_AFTER_S: poll every QUIET_POLL_S instead (each poll asks
+# the GCS, and with the dashboard the state API, several questions; a training run's ranks
+# share the node's cores with whoever answers). A later wait, a restart's, is seen within it.
+QUIET_AFTER_S = 10.0
+QUIET_POLL_S = 5.0
 STATE_TIMEOUT_S = 10
 _LIMIT = 10_000
 
@@ -414,7 +419,8 @@ class waiting:  # noqa: N801  (a context manager used as ``with waiting(...)``)
 
     ``with waiting("train my-gru"): trainer.fit()``. ``match`` picks the demands that are
     this call's (default: those of this driver's job). A daemon thread polls Ray's state
-    every second; nothing is printed while nothing of ours is pending. At the deadline it
+    every second (every ``QUIET_POLL_S`` once nothing of ours has been pending for
+    ``QUIET_AFTER_S``); nothing is printed while nothing of ours is pending. At the deadline it
     calls ``stop`` (e.g. kill the Ray Train controller), or else interrupts the main thread
     as Ctrl-C would (a blocked ``ray.get`` raises ``KeyboardInterrupt``), and
     ``ResourceWaitTimeout`` is raised on leaving the block.
@@ -470,7 +476,9 @@ class waiting:  # noqa: N801  (a context manager used as ``with waiting(...)``)
         since: float | None = None
         last: float | None = None
         warned = False
-        while not self._stop.wait(POLL_S):
+        active = time.monotonic()     # when something of ours was last pending
+        while not self._stop.wait(POLL_S if time.monotonic() - active < QUIET_AFTER_S
+                                  else QUIET_POLL_S):
             try:
                 usage = node_usage(pending=True)
             except Exception as e:   # watching must never take the work down
@@ -485,6 +493,7 @@ class waiting:  # noqa: N801  (a context manager used as ``with waiting(...)``)
             if not ours:
                 since = last = None
                 continue
+            active = now
             since = since or now
             waited = now - since
             if self._stop.is_set():

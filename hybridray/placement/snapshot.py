@@ -15,7 +15,8 @@ a background thread while placement is in use:
 
 Ray's own free-resource view in the GCS is itself reported by each raylet periodically, and
 a task placed by a decision claims its resources only when Ray schedules it, so a quarter
-second is within what "live" ever meant. ``max_age_s=0`` reads afresh for every decision.
+second is within what "live" ever meant. ``max_age_s=0`` (for the snapshot, or for one
+decision: a training run's or a sync's) reads afresh and starts no background reader.
 The live-capacity rule itself is unchanged: only alive, labelled, non-head nodes count, with
 what Ray reports free on each.
 """
@@ -106,7 +107,7 @@ class CapacitySnapshots:
             self._latest = latest = None        # another cluster, or Ray was restarted
         if latest is None or latest.age_s > bound:
             latest = self._refresh(bound)
-        if self.max_age_s > 0:
+        if bound > 0:   # a decision that reads afresh anyway gains nothing from a reader
             self._ensure_thread()
         return latest
 

@@ -160,6 +160,12 @@ class TrainSection(_Strict):
                            "of being refused (--queue); the wait is reported and gives up "
                            "after $HYBRIDRAY_WAIT_TIMEOUT_S seconds.")
     elastic_resize_interval_s: float = Field(60.0, ge=0)
+    worker_niceness: int = Field(
+        0, ge=0, le=19,
+        description="Niceness of the training workers. Ray starts every worker at 15 so its "
+                    "daemons come first; a rank descheduled behind one stalls every rank at "
+                    "the next all-reduce, so workers run at the raylet's own priority (0). "
+                    "Raise it to let other work on the node go first.")
 
     @field_validator("workers", mode="before")
     @classmethod

@@ -94,6 +94,7 @@ def build_trainer(config: TrainConfig, plan: RunPlan, corpus: Any, cluster: Any,
                   board: Any = None):
     """The ``TorchTrainer`` for a planned run (per-worker label selectors, site storage)."""
     import ray.train
+    from ray._private.ray_constants import RAY_WORKER_NICENESS
     from ray.train.torch import TorchConfig
 
     from hybridray.placement import compile as C
@@ -135,7 +136,10 @@ def build_trainer(config: TrainConfig, plan: RunPlan, corpus: Any, cluster: Any,
         name=plan.run_name, storage_path=plan.storage_path,
         storage_filesystem=plan.storage_fs, callbacks=callbacks,
         failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
-        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints))
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
+        # Ray nices every worker to 15 (RAY_worker_niceness, applied by the worker itself);
+        # train.worker_niceness (default 0) keeps the ranks at the raylet's priority.
+        worker_runtime_env={"env_vars": {RAY_WORKER_NICENESS: str(t.worker_niceness)}})
     return _trainer_class()(
         train_loop_per_worker, train_loop_config=spec, scaling_config=scaling,
         run_config=run_config,
@@ -324,7 +328,10 @@ def train(config: TrainConfig | str | os.PathLike | dict, cluster: Any = None, *
         name=f"hybridray-train-{uuid.uuid4().hex[:8]}").remote()
     trainer = build_trainer(config, plan, corpus, cluster, board)
     display = Display(config, plan) if show else None
-    watcher = Watcher(board, on_update=display.update if display else None)
+    # without a console view the record is only read at the end: poll it less often (the
+    # board lives on the driver's node, so it outlives any worker node)
+    watcher = Watcher(board, interval=1.0 if display else 5.0,
+                      on_update=display.update if display else None)
     try:
         if display:
             display.start()

@@ -76,6 +76,18 @@ def test_max_age_zero_reads_for_every_decision_and_starts_no_thread():
     assert reader.count == 5 and snaps._thread is None
 
 
+def test_a_decision_that_reads_afresh_starts_no_background_reader():
+    # a training run's or a sync's placement: the thread would poll the GCS for idle_s
+    reader = Reader()
+    snaps = snapshots(reader, max_age_s=5)
+    for _ in range(3):
+        snaps.get(max_age_s=0)
+    assert reader.count == 3 and snaps._thread is None
+    snaps.get()                                    # a decision that may reuse one does
+    assert snaps._thread is not None
+    snaps.close()
+
+
 def test_the_background_thread_refreshes_while_used_and_stops_when_idle():
     reader = Reader()
     snaps = snapshots(reader, max_age_s=5, refresh_s=0.02, idle_s=0.3)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,6 +32,13 @@ class ByteConvLM(nn.Module):
 
 def build(width: int = 32, kernel: int = 4) -> ByteConvLM:
     return ByteConvLM(width, kernel)
+
+
+def build_noting_priority(path: str, width: int = 16) -> ByteConvLM:
+    """``build``, after appending "PID NICENESS" of the calling process to ``path``."""
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()} {os.getpriority(os.PRIO_PROCESS, 0)}\n")
+    return build(width=width)
 
 
 class _TupleOut(ByteConvLM):

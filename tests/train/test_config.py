@@ -69,6 +69,8 @@ def test_every_problem_is_reported_with_file_and_key(tmp_path):
     ("train.precision=int8", "train.precision"),
     ("model.size=gpt2-125m", "did you mean 'gpt2-124m'"),
     ("data.data_class=secret", "data.data_class"),
+    ("train.worker_niceness=-5", "train.worker_niceness: Input should be greater than or "
+                                 "equal to 0"),
 ])
 def test_cross_field_errors_name_the_key(override, message):
     extra = ["train.checkpoint_interval=100", "wan.sync_every=7"] \

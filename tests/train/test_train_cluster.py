@@ -222,13 +222,21 @@ def test_own_model_in_a_file_beside_the_config_trains_from_the_cli(local_cluster
         "block_size": 32, "vocab_size": 256}
 
 
-def test_own_model_passed_from_python_trains_and_loads_back(hr_cluster):
+def test_own_model_passed_from_python_trains_and_loads_back(hr_cluster, tmp_path):
+    import os
+
     from tests.train import custom_models
 
+    noted = tmp_path / "priority"
     r = train({"name": "own-model-py"}, hr_cluster, progress=False, overrides=[
         *FAST, "train.steps=6", "train.log_interval=3", "train.eval_interval=6",
-        "train.checkpoint_interval=6"], model=lambda: custom_models.build(width=16))
+        "train.checkpoint_interval=6"],
+        model=lambda: custom_models.build_noting_priority(str(noted), width=16))
     assert r.steps == 6 and set(r.worker_sites) == {"onprem"}
+    # Ray nices its workers to 15; the training ranks run at train.worker_niceness (0)
+    workers = {line.split()[0]: line.split()[1] for line in noted.read_text().splitlines()
+               if line.split()[0] != str(os.getpid())}
+    assert len(workers) == 2 and set(workers.values()) == {"0"}, workers
     model, meta = load_model(r.checkpoint_uri, factory=lambda: custom_models.build(width=16))
     assert isinstance(model, custom_models.ByteConvLM)
     assert meta["model_config"]["factory"].startswith("tests.train.test_train_cluster:")

@@ -173,9 +173,33 @@ def gpu_topology(cpus: int) -> str:
     doc = yaml.safe_load((ROOT / "clusters/local.yaml").read_text())
     onprem = doc["sites"]["onprem"]
     onprem["links"] = {}
-    onprem["pools"] = [{**onprem["pools"][0], "cpus": cpus, "gpus": 1, "memory_gb": 32}]
+    pool = {**onprem["pools"][0], "cpus": cpus, "gpus": 1, "memory_gb": 32}
+    # Ray labels a GPU node with its accelerator type; a pool that declares none would make
+    # the node drift from the topology, and placement keeps off drift nodes.
+    from ray._private.accelerators import NvidiaGPUAcceleratorManager
+
+    accelerator = NvidiaGPUAcceleratorManager.get_current_node_accelerator_type()
+    if accelerator:
+        pool["accelerator"] = accelerator
+    onprem["pools"] = [pool]
     doc.update(name="bench-gpu", sites={"onprem": onprem})
     return yaml.safe_dump(doc, sort_keys=False)
+
+
+def wait_for_gpu_node(timeout: float = 90.0) -> None:
+    """Until Ray reports the worker node with its GPU (printing what it reports meanwhile)."""
+    import ray
+
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = [(n["Alive"], n.get("Resources", {}).get("CPU"), n.get("Resources", {})
+                  .get("GPU"), (n.get("Labels") or {}).get("hybridray.io/role"))
+                 for n in ray.nodes()]
+        print(f"nodes (alive, CPU, GPU, role): {nodes}", file=sys.stderr, flush=True)
+        if any(a and (gpu or 0) >= 1 and role == "worker" for a, _, gpu, role in nodes) \
+                or time.monotonic() > deadline:
+            return
+        time.sleep(5)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[dict]] = {side: [] for side, _ in SIDES}
     try:
         cluster = connect(state.name)
-        run_hybridray(cluster, argparse.Namespace(**{**vars(args), "steps": 30}))  # warm-up
+        wait_for_gpu_node()
+        run_hybridray(cluster, argparse.Namespace(**{**vars(args), "steps": 10}))  # warm-up
         specs = {"plain": plain_spec(cluster, args, "bf16"),
                  "fp32": plain_spec(cluster, args, "fp32")}
         for i in range(args.repeats):

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_train import _steady, config_overrides  # noqa: E402
+from bench_train import _steady, config_overrides, plain_spec  # noqa: E402
 from common import Section, median, paired, repeats_table  # noqa: E402
 
 
@@ -70,20 +70,6 @@ def _mfu(logs: list[dict]) -> float:
     logs = [m for m in logs if m.get("mfu")]
     steady = logs[1:] or logs
     return sum(m["mfu"] for m in steady) / len(steady)
-
-
-def plain_spec(cluster, args, precision: str) -> dict:
-    from hybridray.train.config import config_from_dict
-    from hybridray.train.corpus import load_tokens, read_manifest
-    from hybridray.train.model import GPTConfig
-
-    config = config_from_dict({}, overrides=overrides(args, precision))
-    manifest = read_manifest(config.data.output, cluster.topology)
-    tokens, _ = load_tokens(manifest.data, str(manifest.address), cluster.topology)
-    return {"config": config.model_dump(mode="json"), "data_class": "restricted",
-            "model_config": GPTConfig.named(config.model.size,
-                                            **config.model.overrides()).model_dump(),
-            "tokens": tokens}
 
 
 def run_plain(spec: dict, args) -> dict:
@@ -231,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         cluster = connect(state.name)
         wait_for_gpu_node()
         run_hybridray(cluster, argparse.Namespace(**{**vars(args), "steps": 10}))  # warm-up
-        specs = {"plain": plain_spec(cluster, args, "bf16"),
-                 "fp32": plain_spec(cluster, args, "fp32")}
+        specs = {"plain": plain_spec(cluster, overrides(args, "bf16")),
+                 "fp32": plain_spec(cluster, overrides(args, "fp32"))}
         for i in range(args.repeats):
             order = [s for s, _ in SIDES]
             for side in (order if i % 2 == 0 else order[::-1]):

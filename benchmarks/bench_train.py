@@ -150,12 +150,13 @@ def _plain_worker(rank: int, port: int, spec: dict, out) -> None:
         dist.destroy_process_group()
 
 
-def plain_spec(cluster, args) -> dict:
+def plain_spec(cluster, overrides: list[str]) -> dict:
+    """The worker loop's spec for a run outside Ray, with these config overrides."""
     from hybridray.train.config import config_from_dict
     from hybridray.train.corpus import load_tokens, read_manifest
     from hybridray.train.model import GPTConfig
 
-    config = config_from_dict({}, overrides=config_overrides(args))
+    config = config_from_dict({}, overrides=overrides)
     manifest = read_manifest(config.data.output, cluster.topology)
     tokens, _ = load_tokens(manifest.data, str(manifest.address), cluster.topology)
     return {"config": config.model_dump(mode="json"), "data_class": "restricted",
@@ -284,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         cluster = connect(state.name)
         runs: dict[str, list[dict]] = {"hybridray": [], "plain": []}
         run_hybridray(cluster, state, args)    # warm-up, not counted: prepares the corpus
-        spec = plain_spec(cluster, args)
+        spec = plain_spec(cluster, config_overrides(args))
         for i in range(args.repeats):
             order = ("plain", "hybridray") if i % 2 == 0 else ("hybridray", "plain")
             for side in order:

@@ -47,6 +47,8 @@ class Capacity:
                  avoid: dict[str, str] | None = None, usage_loader=None):
         self.live = live
         self.avoid = dict(avoid or {})
+        # site -> why each of its live nodes in ``avoid`` was kept out (for refusals)
+        self.avoided: dict[str, list[str]] = defaultdict(list)
         self.by_site: dict[str, list[NodeCapacity]] = defaultdict(list)
         for node in nodes:
             self.by_site[node.site].append(node)
@@ -85,12 +87,14 @@ class Capacity:
         if free is None:
             free = ray_state.available_resources_per_node()
         avoid = avoid or {}
-        out = []
+        out, avoided = [], []
         for n in ray.nodes() if nodes is None else nodes:
             labels = n.get("Labels") or {}
             site = labels.get(L.SITE)
-            if not n.get("Alive") or site is None or labels.get(L.ROLE) == "head" \
-                    or n["NodeID"] in avoid:
+            if not n.get("Alive") or site is None or labels.get(L.ROLE) == "head":
+                continue
+            if n["NodeID"] in avoid:
+                avoided.append((site, avoid[n["NodeID"]]))
                 continue
             total = n.get("Resources") or {}
             avail = free.get(n["NodeID"], {})
@@ -100,7 +104,10 @@ class Capacity:
                 labels.get(L.MARKET_TYPE) == "spot"))
         if topology is not None:
             out += elastic_headroom(topology, out)
-        return cls(out, live=True, avoid=avoid, usage_loader=_load_usage)
+        cap = cls(out, live=True, avoid=avoid, usage_loader=_load_usage)
+        for site, why in avoided:
+            cap.avoided[site].append(why)
+        return cap
 
     @property
     def usage_read(self) -> bool:

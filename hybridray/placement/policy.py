@@ -134,6 +134,9 @@ def _eligible(topology: Topology, cap: Capacity, wl: Workload):
         units_max, units_free = cap.units(name, wl.cpus, wl.gpus, wl.accelerator, wl.spot_ok)
         if units_max <= 0:
             excluded[name] = "no alive node fits one unit" if cap.live else "no capacity"
+            if cap.avoided.get(name):      # say why a node that may have fitted was left out
+                excluded[name] += (f" (kept off {len(cap.avoided[name])} node(s) that drifted "
+                                   f"from the topology: {'; '.join(cap.avoided[name])})")
             continue
         price = pool.price_per_node_hour * _share(wl, pool.cpus, pool.gpus)
         usable = [p for p in site.pools if p.max_nodes > 0]

@@ -115,6 +115,28 @@ def test_every_compiled_selector_keeps_off_drift_nodes():
     assert "avoid_nodes" not in clean.summary()
 
 
+def test_a_refusal_says_when_the_only_fitting_node_was_kept_off_as_drift():
+    # a node Ray labelled with its GPU's type, in a pool that declares no accelerator: it
+    # drifts, and "no alive node fits" alone sent a user hunting for a missing node
+    node = "e" * 56
+    free = {node: {"CPU": 2.0}}
+    wl = Workload(name="t", cpus=2, data_classes=("restricted",))
+    nodes = [{"NodeID": node, "Alive": True, "Resources": {"CPU": 2.0},
+              "Labels": _labels("onprem", **{L.ACCELERATOR: "H200"})}]
+    drift = M.find_drift(TOPO, None, nodes)
+    cap = Capacity.from_ray(TOPO, avoid={d.node_id: d.why for d in drift}, nodes=nodes,
+                            free=free)
+    placement = decide(TOPO, wl, cap)
+    assert not placement.ok
+    message = placement.refusal.message
+    assert "onprem: no alive node fits one unit (kept off 1 node(s) that drifted from the " \
+           "topology: claims ray.io/accelerator-type=H200, pool cpu has none)" in message, message
+    # the same node as hybridray labels it: no drift, placed
+    nodes[0]["Labels"] = _labels("onprem")
+    assert M.find_drift(TOPO, None, nodes) == []
+    assert decide(TOPO, wl, Capacity.from_ray(TOPO, nodes=nodes, free=free)).ok
+
+
 def test_records_from_before_membership_count_the_nodes_up_started(tmp_path):
     node = NodeRecord(key="onprem.cpu.0", site="onprem", pool="cpu", role="worker", index=0,
                       pid=1, pgid=1, start_time=1, log="", node_id="a" * 56)

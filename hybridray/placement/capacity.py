@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from hybridray import labels as L
@@ -44,11 +45,14 @@ class Capacity:
     """
 
     def __init__(self, nodes: list[NodeCapacity], *, live: bool,
-                 avoid: dict[str, str] | None = None, usage_loader=None):
+                 avoid: dict[str, str] | None = None, usage_loader=None,
+                 avoided: Iterable[tuple[str, str]] = ()):
         self.live = live
         self.avoid = dict(avoid or {})
         # site -> why each of its live nodes in ``avoid`` was kept out (for refusals)
         self.avoided: dict[str, list[str]] = defaultdict(list)
+        for site, why in avoided:
+            self.avoided[site].append(why)
         self.by_site: dict[str, list[NodeCapacity]] = defaultdict(list)
         for node in nodes:
             self.by_site[node.site].append(node)
@@ -104,10 +108,7 @@ class Capacity:
                 labels.get(L.MARKET_TYPE) == "spot"))
         if topology is not None:
             out += elastic_headroom(topology, out)
-        cap = cls(out, live=True, avoid=avoid, usage_loader=_load_usage)
-        for site, why in avoided:
-            cap.avoided[site].append(why)
-        return cap
+        return cls(out, live=True, avoid=avoid, usage_loader=_load_usage, avoided=avoided)
 
     @property
     def usage_read(self) -> bool:

@@ -172,22 +172,6 @@ def gpu_topology(cpus: int) -> str:
     return yaml.safe_dump(doc, sort_keys=False)
 
 
-def wait_for_gpu_node(timeout: float = 90.0) -> None:
-    """Until Ray reports the worker node with its GPU (printing what it reports meanwhile)."""
-    import ray
-
-    deadline = time.monotonic() + timeout
-    while True:
-        nodes = [(n["Alive"], n.get("Resources", {}).get("CPU"), n.get("Resources", {})
-                  .get("GPU"), (n.get("Labels") or {}).get("hybridray.io/role"))
-                 for n in ray.nodes()]
-        print(f"nodes (alive, CPU, GPU, role): {nodes}", file=sys.stderr, flush=True)
-        if any(a and (gpu or 0) >= 1 and role == "worker" for a, _, gpu, role in nodes) \
-                or time.monotonic() > deadline:
-            return
-        time.sleep(5)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.plain_run:
@@ -215,7 +199,6 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[dict]] = {side: [] for side, _ in SIDES}
     try:
         cluster = connect(state.name)
-        wait_for_gpu_node()
         run_hybridray(cluster, argparse.Namespace(**{**vars(args), "steps": 10}))  # warm-up
         specs = {"plain": plain_spec(cluster, overrides(args, "bf16")),
                  "fp32": plain_spec(cluster, overrides(args, "fp32"))}

@@ -168,13 +168,19 @@ def _trainer_class():
 
         def _create_default_callbacks(self):
             from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+            from ray.train.v2._internal.callbacks.placement_group_callback import (
+                PlacementGroupCleanerCallback,
+            )
 
             from hybridray.train.controller import DatasetsOnlyWhenGiven
 
+            # No PlacementGroupCleaner: ``train`` removes the run's groups itself
+            # (``remove_placement_groups``), pending ones included.
             return [DatasetsOnlyWhenGiven(train_run_context=self.train_run_context,
                                           datasets=self.datasets)
                     if type(c) is DatasetsCallback else c
-                    for c in super()._create_default_callbacks()]
+                    for c in super()._create_default_callbacks()
+                    if type(c) is not PlacementGroupCleanerCallback]
 
     return Trainer
 
@@ -183,8 +189,6 @@ def _run_controller(trainer: Any, init_kwargs: dict[str, Any]) -> Any:
     """Ray Train's ``DataParallelTrainer._initialize_and_run_controller`` with hybridray's
     controller (``train/controller.py``: a checkpoint commits as soon as a worker waits for
     it): the same actor options (0 CPUs, on the driver's node, Ray Train's environment)."""
-    import threading
-
     import ray
     from ray._common.constants import RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR
     from ray.train.v2._internal.constants import (
@@ -201,8 +205,7 @@ def _run_controller(trainer: Any, init_kwargs: dict[str, Any]) -> Any:
     controller = ray.remote(num_cpus=0, label_selector={ray._raylet.RAY_NODE_ID_KEY: node},
                             runtime_env={"env_vars": env_vars})(PromptCommitController) \
         .remote(**init_kwargs)
-    if threading.current_thread() is threading.main_thread():
-        trainer._register_sigint_handler(controller)
+    trainer.controller = controller          # from any thread: the driver cleans up after it
     ray.get(controller.run.remote())
     return ray.get(controller.get_result.remote())
 
@@ -349,6 +352,7 @@ def train(config: TrainConfig | str | os.PathLike | dict, cluster: Any = None, *
                 display.stop()
     finally:
         ray.kill(board)
+        remove_placement_groups(trainer.controller)
     out = _result(config, plan, corpus, cluster, result, state, time.time() - started)
     _audit(cluster, out, plan)
     return out
@@ -359,14 +363,55 @@ def _stop_run(trainer: Any) -> None:
 
     Train's graceful abort (what Ctrl-C asks for) waits until the controller's loop is free,
     and the controller blocks in ``PlacementGroup.wait`` while its workers cannot be placed;
-    so the controller actor is killed at once. Train's placement-group cleaner then removes
-    the pending group, and ``fit()`` returns with the actor's death.
-    """
+    so the controller actor is killed at once: ``fit()`` returns with the actor's death, and
+    ``train`` then removes the pending group (``remove_placement_groups``)."""
     import ray
 
     if trainer.controller is None:
         raise TrainError("the run has no Ray Train controller yet")
     ray.kill(trainer.controller, no_restart=True)
+
+
+def remove_placement_groups(controller: Any) -> list[str]:
+    """Remove every placement group the run's controller created that is still there; the
+    ids removed (none after a run that ended well: Ray Train removed its own).
+
+    Ray removes a group once both the job and the actor that created it are gone, so a
+    controller that died (killed at a wait deadline, lost, aborted) while this driver lives
+    on would leave its group reserving CPUs, or pending and taking them when they free up.
+    Ray Train starts a detached ``PlacementGroupCleaner`` actor per run for this: a Python
+    process of its own, started with the run (about 1.5 CPU-seconds of imports), asking the
+    state API every second whether the controller lives, and registering a group only once
+    its workers started, so a group still pending when the controller died stayed. The
+    driver outlives the controller in every case but its own death, which ends the job and
+    so frees the group; it looks once, when ``fit()`` has returned or raised, and removes
+    by creator (the controller), pending groups included.
+    """
+    if controller is None:
+        return []
+    import ray
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    removed = []
+    try:
+        creator = controller._actor_id.binary()
+        for raw in state._connect_and_get_accessor().get_placement_group_table():
+            group = gcs_pb2.PlacementGroupTableData.FromString(raw)
+            if group.creator_actor_id != creator or \
+                    group.state == gcs_pb2.PlacementGroupTableData.REMOVED:
+                continue
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(
+                group.placement_group_id)))
+            removed.append(group.placement_group_id.hex())
+    except Exception as e:      # never hide the run's own outcome behind its cleanup
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "could not remove the placement groups of the run's controller: %s; list them "
+            "with `ray list placement-groups` and remove any left pending", e)
+    return removed
 
 
 def _explain(error: Exception, plan: RunPlan) -> Exception:

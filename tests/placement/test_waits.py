@@ -129,6 +129,40 @@ def test_train_cli_queues_reports_and_gives_up_then_leaves_nothing_waiting(
     assert ray.is_initialized()
 
 
+def test_a_queued_run_given_up_in_a_driver_that_lives_on_leaves_no_group_behind(
+        hr_cluster, hold_onprem, monkeypatch):
+    """The CLI's exit ends its job, and Ray then frees what the job's actors held; a Python
+    driver (a notebook, a service) lives on after ``train`` gives up. The controller was
+    killed at the deadline while its group was pending; the group must not stay pending and
+    take the CPUs once the holder lets go."""
+    import ray
+    from ray.util.state import list_placement_groups
+
+    from hybridray.train.trainer import train
+    from hybridray.waiting import WAIT_TIMEOUT_ENV
+
+    def pending() -> list[str]:
+        return [g.placement_group_id for g in list_placement_groups(
+            detail=True, raise_on_missing_output=False)
+            if g.state in ("PENDING", "RESCHEDULING")]
+
+    before = pending()
+    holder = hold_onprem(0.75)
+    monkeypatch.setenv(WAIT_TIMEOUT_ENV, "8")
+    with pytest.raises(ResourceWaitTimeout, match="gave up after waiting"):
+        train("configs/train/tiny.yaml", hr_cluster, progress=False, overrides=[
+            "name=queued-in-driver", "train.steps=2", "train.queue=true",
+            "data.max_files=12", "data.shard_files=6",
+            "data.output=onprem:datasets/test-queued-driver", "train.resume=never"])
+    assert ray.is_initialized()
+    assert pending() == before
+    ray.kill(holder)      # the CPUs free up: nothing of the given-up run takes them
+    time.sleep(2)
+    assert pending() == before
+    free = ray.available_resources().get("CPU", 0)
+    assert free >= ray.cluster_resources().get("CPU", 0) - 0.5, ray.available_resources()
+
+
 def test_submit_reports_an_entrypoint_waiting_for_cpus_then_stops_the_job(
         local_cluster, hr_cluster, hold_onprem):
     """A job entrypoint asking for 1.5 CPUs at onprem, where 1.25 are held: submit says

@@ -52,3 +52,22 @@ def test_a_run_without_datasets_gets_a_provider_that_names_the_fix():
 
     with pytest.raises(KeyError, match="given no datasets"):
         _NoDatasets().get_dataset_shard(DatasetShardMetadata("train", 0))
+
+
+def test_the_placement_group_hooks_exist():
+    """``train`` drops Ray Train's cleaner callback by its class and removes the run's groups
+    by their creator (``trainer.remove_placement_groups``): both must still be there."""
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+    from ray.train.v2._internal.callbacks.placement_group_callback import (
+        PlacementGroupCleanerCallback,
+    )
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    assert "PlacementGroupCleanerCallback()" in inspect.getsource(
+        DataParallelTrainer._create_default_callbacks)
+    assert callable(PlacementGroupCleanerCallback.after_worker_group_start)
+    assert callable(state._connect_and_get_accessor)
+    fields = {f.name for f in gcs_pb2.PlacementGroupTableData.DESCRIPTOR.fields}
+    assert {"creator_actor_id", "state", "placement_group_id"} <= fields
+

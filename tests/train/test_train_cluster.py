@@ -255,9 +255,10 @@ def test_checkpoints_commit_without_waiting_for_ray_trains_poll(local_cluster, h
     checkpoint counts as committed at the poll that finds it. Set to an hour here, a run with
     three checkpoints (each waited for, as every hybridray run does) still ends: hybridray's
     controller polls when a worker waits for a commit and when the workers finish
-    (train/controller.py). Nor does the run start Ray Train's per-run PreemptionWatcher and
-    DatasetManager actors (the watcher is a thread of the controller; no datasets, no
-    manager). A hang is the failure; the wait is bounded."""
+    (train/controller.py). Nor does the run start Ray Train's per-run PreemptionWatcher,
+    DatasetManager and PlacementGroupCleaner actors (the watcher is a thread of the
+    controller; no datasets, no manager; the driver removes the run's placement groups) and
+    it leaves no placement group behind. A hang is the failure; the wait is bounded."""
     import os
     import subprocess
     import sys
@@ -265,7 +266,8 @@ def test_checkpoints_commit_without_waiting_for_ray_trains_poll(local_cluster, h
     from hybridray.cluster import ray_env
     from tests.paths import ROOT
 
-    before = _actor_ids("PreemptionWatcher", "DatasetManager")
+    helpers = ("PreemptionWatcher", "DatasetManager", "PlacementGroupCleaner")
+    before = _actor_ids(*helpers)
     proc = subprocess.Popen(
         [sys.executable, "-m", "hybridray", "train", "configs/train/tiny.yaml", "--json",
          "--cluster", local_cluster.name, "name=prompt-commit", "train.steps=12",
@@ -283,4 +285,4 @@ def test_checkpoints_commit_without_waiting_for_ray_trains_poll(local_cluster, h
     r = json.loads(out)
     assert r["steps"] == 12 and r["checkpoint"].endswith("/checkpoint-00000012")
     assert r["restarts"] == 0 and r["end_to_end_tokens_per_s"]
-    assert _actor_ids("PreemptionWatcher", "DatasetManager") == before
+    assert _actor_ids(*helpers) == before

@@ -30,9 +30,12 @@ from hybridray.train.wan import make_strategy
 
 EOT = 256   # the corpus's end-of-document token; byte models (ids 0..255) see byte 0 there
 CPU_PEAK_FLOPS_PER_CPU = 1e11      # MFU default on CPU: 100 GFLOP/s per logical CPU
-GPU_PEAK_FLOPS = {                 # dense peak per GPU: (bf16/fp16 tensor cores, fp32)
-    "H100": (989e12, 67e12), "H200": (989e12, 67e12), "A100": (312e12, 19.5e12),
-    "L4": (121e12, 30e12), "A10G": (125e12, 31e12), "L40S": (362e12, 91.6e12),
+# Dense peak per GPU: (bf16/fp16 tensor cores, TF32 tensor cores). An fp32 run's matmuls run
+# on TF32 (the loop allows it on CUDA), so its MFU is against the TF32 peak, not plain fp32's
+# (67 TFLOP/s on an H100, against which an fp32 run read 198% "MFU").
+GPU_PEAK_FLOPS = {
+    "H100": (989e12, 494.7e12), "H200": (989e12, 494.7e12), "A100": (312e12, 156e12),
+    "L4": (121e12, 60.5e12), "A10G": (125e12, 62.5e12), "L40S": (362e12, 183e12),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 STEP_REPORT_S = 0.5                # at most this often rank 0 sends its step to the board
@@ -163,9 +166,9 @@ def peak_flops(config: TrainConfig, device: torch.device) -> float:
         return config.metrics.peak_flops
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, (half, single) in GPU_PEAK_FLOPS.items():
+        for key, (half, tf32) in GPU_PEAK_FLOPS.items():
             if key in name:
-                return single if config.train.precision == "fp32" else half
+                return tf32 if config.train.precision == "fp32" else half
         return 100e12
     return CPU_PEAK_FLOPS_PER_CPU * config.train.cpus_per_worker
 

@@ -12,7 +12,7 @@ import torch
 
 from hybridray.exceptions import TrainError
 from hybridray.train.config import config_from_dict
-from hybridray.train.loop import Sampler, Session, lr_at, run_loop
+from hybridray.train.loop import Sampler, Session, lr_at, peak_flops, run_loop
 from hybridray.train.model import GPTConfig
 
 
@@ -120,3 +120,18 @@ def test_resume_refuses_a_checkpoint_of_another_shape(tmp_path):
                                          r"from this run's: n_layer=2 \(this run: 3\)"):
         run_loop(spec_for(["train.steps=4", "model.n_layer=3"]),
                  LocalSession(tmp_path, resume=True))
+
+
+@pytest.mark.parametrize(("gpu", "precision", "peak"), [
+    ("NVIDIA H200", "bf16", 989e12), ("NVIDIA H100 80GB HBM3", "fp16", 989e12),
+    ("NVIDIA H200", "fp32", 494.7e12), ("NVIDIA A100-SXM4-80GB", "fp32", 156e12),
+    ("Some Future GPU", "bf16", 100e12)])
+def test_gpu_mfu_peak_is_the_tensor_core_peak_the_run_uses(monkeypatch, gpu, precision, peak):
+    """fp32 runs use TF32 tensor cores (the loop allows them on CUDA): their MFU divides by
+    the TF32 peak; dividing by plain fp32's read 198% on an H200."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: gpu)
+    config = config_from_dict({}, overrides=[f"train.precision={precision}"])
+    assert peak_flops(config, torch.device("cuda", 0)) == peak
+    assert peak_flops(config_from_dict({}, overrides=["metrics.peak_flops=1e12"]),
+                      torch.device("cuda", 0)) == 1e12
+

@@ -152,16 +152,14 @@ def _trainer_class():
     Ray Train's ``fit()`` installs a SIGINT handler of its own and never puts the previous
     one back: the first Ctrl-C aborts the run and ``fit()`` returns as if all went well (the
     CLI exited 0), and every later Ctrl-C in that process (a test run, a notebook) goes to
-    the handler of a run long finished. Here the caller's handler stays (Python's default
-    raises ``KeyboardInterrupt``); ``train`` then aborts the run (``_fit``).
+    the handler of a run long finished. Ray installs it in ``_initialize_and_run_controller``,
+    replaced here by ``_run_controller``, which installs none: the caller's handler stays
+    (Python's default raises ``KeyboardInterrupt``); ``train`` then aborts the run (``_fit``).
     """
     from ray.train.torch import TorchTrainer
 
     class Trainer(TorchTrainer):
-        controller = None
-
-        def _register_sigint_handler(self, controller):
-            self.controller = controller      # and no handler of Ray's
+        controller = None                     # set by _run_controller
 
         def _initialize_and_run_controller(self, **controller_init_kwargs):
             return _run_controller(self, controller_init_kwargs)
@@ -372,9 +370,9 @@ def _stop_run(trainer: Any) -> None:
     ray.kill(trainer.controller, no_restart=True)
 
 
-def remove_placement_groups(controller: Any) -> list[str]:
-    """Remove every placement group the run's controller created that is still there; the
-    ids removed (none after a run that ended well: Ray Train removed its own).
+def remove_placement_groups(controller: Any) -> None:
+    """Remove every placement group the run's controller created that is still there (none
+    after a run that ended well: Ray Train removed its own).
 
     Ray removes a group once both the job and the actor that created it are gone, so a
     controller that died (killed at a wait deadline, lost, aborted) while this driver lives
@@ -388,13 +386,12 @@ def remove_placement_groups(controller: Any) -> list[str]:
     by creator (the controller), pending groups included.
     """
     if controller is None:
-        return []
+        return
     import ray
     from ray._private.state import state
     from ray.core.generated import gcs_pb2
     from ray.util.placement_group import PlacementGroup, remove_placement_group
 
-    removed = []
     try:
         creator = controller._actor_id.binary()
         for raw in state._connect_and_get_accessor().get_placement_group_table():
@@ -404,14 +401,12 @@ def remove_placement_groups(controller: Any) -> list[str]:
                 continue
             remove_placement_group(PlacementGroup(ray.PlacementGroupID(
                 group.placement_group_id)))
-            removed.append(group.placement_group_id.hex())
     except Exception as e:      # never hide the run's own outcome behind its cleanup
         import logging
 
         logging.getLogger(__name__).warning(
             "could not remove the placement groups of the run's controller: %s; list them "
             "with `ray list placement-groups` and remove any left pending", e)
-    return removed
 
 
 def _explain(error: Exception, plan: RunPlan) -> Exception:

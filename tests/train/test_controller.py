@@ -70,4 +70,3 @@ def test_the_placement_group_hooks_exist():
     assert callable(state._connect_and_get_accessor)
     fields = {f.name for f in gcs_pb2.PlacementGroupTableData.DESCRIPTOR.fields}
     assert {"creator_actor_id", "state", "placement_group_id"} <= fields
-

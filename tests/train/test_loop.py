@@ -134,4 +134,3 @@ def test_gpu_mfu_peak_is_the_tensor_core_peak_the_run_uses(monkeypatch, gpu, pre
     assert peak_flops(config, torch.device("cuda", 0)) == peak
     assert peak_flops(config_from_dict({}, overrides=["metrics.peak_flops=1e12"]),
                       torch.device("cuda", 0)) == 1e12
-

@@ -257,8 +257,8 @@ def test_checkpoints_commit_without_waiting_for_ray_trains_poll(local_cluster, h
     controller polls when a worker waits for a commit and when the workers finish
     (train/controller.py). Nor does the run start Ray Train's per-run PreemptionWatcher,
     DatasetManager and PlacementGroupCleaner actors (the watcher is a thread of the
-    controller; no datasets, no manager; the driver removes the run's placement groups) and
-    it leaves no placement group behind. A hang is the failure; the wait is bounded."""
+    controller; no datasets, no manager; the driver removes the run's placement groups). A
+    hang is the failure; the wait is bounded."""
     import os
     import subprocess
     import sys

@@ -111,6 +111,8 @@ def attach(name: str, address: str, topology: Topology | str | os.PathLike, *,
         probe_dashboard: with ``dashboard_url`` None, look for one at all.
         wait_nodes: wait (up to ``wait_s``) until at least this many nodes are alive before
             deciding who the members are: nodes that register later are drift until admitted.
+            A ``dashboard_url`` given with it is waited for too (a head just started opens
+            its dashboard seconds after its GCS).
         home: the hybridray home. ``say``: called with one line per finding.
 
     Returns:
@@ -130,7 +132,8 @@ def attach(name: str, address: str, topology: Topology | str | os.PathLike, *,
     # its storage is its own, as for `up`: no root another recorded or owning cluster uses
     check_storage_is_own(topo, hybridray_home(home).expanduser().absolute())
     probe(address, tls_env)
-    url = _dashboard(dashboard_url, host, token, probe_dashboard, say)
+    deadline = time.monotonic() + (wait_s if wait_nodes else 0)
+    url = _dashboard(dashboard_url, host, token, probe_dashboard, say, until=deadline)
 
     home_path = hybridray_home(home).expanduser().absolute()
     state = ClusterState(
@@ -144,7 +147,8 @@ def attach(name: str, address: str, topology: Topology | str | os.PathLike, *,
         origin=ORIGIN_ATTACH)
     with cluster_lock(name, home_path, wait=True):
         _refuse_existing(name, home_path)
-        result = enroll(state, topo, wait_nodes=wait_nodes, wait_s=wait_s, how="attach")
+        result = enroll(state, topo, wait_nodes=wait_nodes,
+                        wait_s=max(0.0, deadline - time.monotonic()), how="attach")
         claim_storage(topo, home_path, existing_only=True)
     sites = sorted({m.site for m in state.members})
     say(f"attached {name!r} at {address}: {len(state.members)} member node(s) at "
@@ -375,7 +379,10 @@ def check_dashboard(url: str, host: str, token: Path) -> str:
     return _dashboard(url, host, token, True, lambda line: None) or url
 
 
-def _dashboard(url: str | None, host: str, token: Path, probe: bool, say: Say) -> str | None:
+def _dashboard(url: str | None, host: str, token: Path, probe: bool, say: Say,
+               until: float = 0.0) -> str | None:
+    """The dashboard's URL if one answers; a given ``url`` that is not up yet (refused, or
+    HTTP 5xx) is asked again each second until the ``until`` monotonic deadline."""
     explicit = url is not None
     if not explicit:
         if not probe:
@@ -387,16 +394,22 @@ def _dashboard(url: str | None, host: str, token: Path, probe: bool, say: Say) -
                            f"http://{host}:{DEFAULT_DASHBOARD_PORT}")
     req = urllib.request.Request(f"{url}/api/version", headers={
         "Authorization": f"Bearer {token.read_text().strip()}"})
-    try:
-        with urllib.request.urlopen(req, timeout=PROBE_TIMEOUT_S) as resp:
-            body = json.loads(resp.read() or b"{}")
-        if "ray_version" not in body:
-            raise ValueError("not a Ray dashboard")
-        return url
-    except urllib.error.HTTPError as e:
-        why = ("it refused the token" if e.code in (401, 403) else f"HTTP {e.code}")
-    except (OSError, ValueError) as e:
-        why = _first_line(getattr(e, "reason", e))
+    while True:
+        try:
+            with urllib.request.urlopen(req, timeout=PROBE_TIMEOUT_S) as resp:
+                body = json.loads(resp.read() or b"{}")
+            if "ray_version" not in body:
+                raise ValueError("not a Ray dashboard")
+            return url
+        except urllib.error.HTTPError as e:
+            why = ("it refused the token" if e.code in (401, 403) else f"HTTP {e.code}")
+            not_up = e.code >= 500
+        except (OSError, ValueError) as e:
+            why = _first_line(getattr(e, "reason", e))
+            not_up = isinstance(e, OSError)
+        if not (explicit and not_up and time.monotonic() < until):
+            break
+        time.sleep(1)
     if explicit:
         raise ClusterError(f"--dashboard {url}: no Ray dashboard answers ({why}); give its "
                            "URL (ray start --dashboard-host/--dashboard-port), or leave "

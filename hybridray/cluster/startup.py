@@ -38,7 +38,10 @@ from hybridray.exceptions import ClusterError
 MAX_ATTEMPTS = 2          # per worker: one retry after a transient exit while starting
 # What `ray start` prints when one of Ray's own startup deadlines passed on a busy machine.
 RAY_GAVE_UP = ("timed out during startup", "Timed out waiting for node info",
-               "Timed out waiting for file")
+               "Timed out waiting for file",
+               # the head's dashboard did not register within RAY_DASHBOARD_STARTUP_TIMEOUT_S
+               # (60 s); with ", return code N" after it, the dashboard crashed instead
+               "Failed to start the dashboard \n")
 # ... and those plus a lost race for a port: failures of the moment, not of the node's
 # configuration (which a retry would only repeat).
 TRANSIENT = (*RAY_GAVE_UP, "already in use", "Failed to bind")
@@ -193,8 +196,8 @@ class Startup:
             with contextlib.suppress(OSError, shutil.Error):
                 shutil.copytree(ray_logs, target, symlinks=True, dirs_exist_ok=True)
                 kept = f"\nRay's own logs of that node (raylet.err, ...) are in {target}"
-        tail = log_tail(node.log, 40)
-        slow = any(t in tail for t in RAY_GAVE_UP)
+        # the whole tail: Ray prints a dashboard's own log and a traceback after its reason
+        slow = any(t in log_tail(node.log, 400) + "\n" for t in RAY_GAVE_UP)
         hint = ""
         if slow:
             load, cores = os.getloadavg()[0], os.cpu_count() or 1

@@ -49,9 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "dashboard answers there)")
     p.add_argument("--wait-nodes", type=int, default=0, metavar="N",
                    help="first wait until N nodes are alive (nodes that register after "
-                        "attach are drift until admitted)")
+                        "attach are drift until admitted), and for --dashboard to answer")
     p.add_argument("--wait", type=float, default=120.0, metavar="SECONDS",
-                   help="how long --wait-nodes waits (default 120)")
+                   help="how long --wait-nodes waits, all told (default 120)")
     p.set_defaults(func=run_attach)
 
     d = sub.add_parser("detach", help="forget an attached cluster (it keeps running)",

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -294,6 +295,25 @@ def test_a_worker_that_gave_up_while_starting_is_retried_once(tmp_path, monkeypa
     with pytest.raises(ClusterError, match="object store too large"):
         again._check_exits({other.key: other})  # a configuration error is not retried
     assert len(said) == 1
+
+
+def test_a_head_whose_dashboard_was_late_counts_as_a_slow_start(tmp_path):
+    """Ray's own words when the head's dashboard missed RAY_DASHBOARD_STARTUP_TIMEOUT_S (seen
+    with RAY_DASHBOARD_STARTUP_TIMEOUT_S=0), followed by more than the tail shown in errors."""
+    state = _fake_state(tmp_path, "late", [])
+    (state.state_dir / "logs").mkdir()
+    head = NodeRecord(key="head", site="onprem", pool=None, role="head", index=0, pid=1,
+                      pgid=1, start_time=1, log=str(state.state_dir / "logs" / "head.log"),
+                      temp_dir=str(tmp_path / "none"))
+    state.nodes.append(head)
+    run = startup.Startup(state, timeout=30, say=lambda line: None)
+    late = ("2026-12-04 20:36:43,680\tERROR services.py:1431 -- Failed to start the dashboard \n"
+            + "".join(f'  File "services.py", line {i}, in start_api_server\n'
+                      for i in range(60)) + "Exception: Failed to read dashboard.err file\n")
+    Path(head.log).write_text(late)
+    assert run.failure("head", "exited with code 1 while starting").ray_gave_up
+    Path(head.log).write_text(late.replace("dashboard \n", "dashboard , return code 1\n"))
+    assert not run.failure("head", "exited with code 1 while starting").ray_gave_up  # crashed
 
 
 def test_a_start_that_ray_gave_up_on_is_repeated_once_on_fresh_ports(tmp_path, monkeypatch):
